@@ -1,0 +1,1 @@
+"""fare-moe compression: quantisation, sparsity, expert pruning and merging for MoE models."""

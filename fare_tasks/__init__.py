@@ -1,0 +1,1 @@
+"""fare-moe tasks: benchmark data layer, task helpers and metrics."""
