@@ -1,0 +1,66 @@
+"""``fare`` console script: ``fare eval ...`` runs lm-eval with fare-moe's registrations.
+
+Other subcommands are registered lazily in :data:`SUBCOMMANDS` as ``"module:function"``; the
+function receives the remaining argv list and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("fare_models.cli:run_eval", "run lm-eval (same flags as `lm_eval`) with fare-moe's model and tasks"),
+    "compress": ("fare_compression.cli:main", "compress an MoE model and save a checkpoint"),
+    "prompts": ("fare_pipeline.cli:prompts", "write the demographic prompt set"),
+    "profile": ("fare_pipeline.cli:profile", "routing profiling -> phi profile file"),
+    "layers": ("fare_pipeline.cli:layers", "AALS layer selection"),
+    "tune": ("fare_pipeline.cli:tune", "lambda* under a perplexity budget"),
+    "ablate": ("fare_pipeline.cli:ablate", "profile controls, baselines and group masking"),
+    "transfer": ("fare_pipeline.cli:transfer", "generation transfer with paired tests"),
+    "run": ("fare_pipeline.cli:run", "the whole FARE pipeline into one report folder"),
+}
+
+
+def run_eval(argv: list[str]) -> int:
+    """Delegate to lm-eval's own CLI after making sure our model and tasks are registered."""
+    from fare_models import discovery
+
+    discovery.register_all()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def _usage() -> str:
+    lines = ["usage: fare <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"fare: unknown command {name!r}; allowed: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    target = SUBCOMMANDS[name][0]
+    module_name, _, func_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"fare {name}: not available in this installation ({module_name} missing)", file=sys.stderr)
+            return 2
+        raise
+    result = getattr(module, func_name)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

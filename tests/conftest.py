@@ -1,0 +1,32 @@
+"""Shared test settings: offline, a throwaway model cache, and the benchmark data directory."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FARE_DATA_DIR", str(REPO.parent / "shared" / "data"))
+if "FARE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FARE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fare-cache-")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["FARE_DATA_DIR"])
+    if not path.is_dir():
+        pytest.fail(f"FARE_DATA_DIR={path} does not exist: point it at a copy of shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    """Local directory of the default ``fare-tiny`` (OLMoE) model + tokenizer."""
+    from fare_models.tiny import tiny_model_path
+
+    return tiny_model_path("fare-tiny")
