@@ -1,0 +1,361 @@
+"""Statistics shared by every fare-moe comparison (SPEC section 9; paper section 4.2).
+
+* :func:`paired_permutation_test` - sign-flip permutation test on per-item differences
+  (10,000 permutations by default, two-sided, seeded; exhaustive when 2**n <= n_resamples).
+* :func:`bootstrap_ci` - seeded bootstrap confidence interval (1,000 resamples, 95 %) for any
+  statistic of one sample or of paired samples; percentile, basic or BCa.
+* :func:`bh_adjust` - Benjamini-Hochberg adjusted p-values across a family of comparisons.
+* :func:`pair_log_samples` - pair two lm-eval ``--log_samples`` JSONL files by ``doc_hash``.
+
+Every result records its seed and number of resamples. Conventions follow
+``scipy.stats.permutation_test`` / ``scipy.stats.bootstrap`` (same p-value definition, same
+resampling stream for a given seed), which the tests check against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+ALTERNATIVES = ("two-sided", "greater", "less")
+CI_METHODS = ("percentile", "basic", "bca")
+DEFAULT_PERMUTATIONS = 10_000
+DEFAULT_BOOTSTRAP = 1_000
+
+
+def _as_1d(name: str, values) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional; got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty; need at least one item")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values; only finite values are allowed")
+    return arr
+
+
+def _check_common(n_resamples: int, seed: int, alternative: str | None = None) -> None:
+    if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"n_resamples={n_resamples!r}; must be a positive integer")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}; must be a non-negative integer")
+    if alternative is not None and alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative={alternative!r}; allowed: {', '.join(ALTERNATIVES)}")
+
+
+# --------------------------------------------------------------------------- permutation test
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """Outcome of :func:`paired_permutation_test` (all fields JSON-serialisable via ``to_dict``)."""
+
+    statistic: float  # observed statistic of the differences (default: mean of x - y)
+    pvalue: float
+    n: int  # number of paired items
+    n_resamples: int  # sign patterns evaluated (2**n when exact)
+    exact: bool  # exhaustive enumeration of all 2**n sign patterns
+    seed: int
+    alternative: str
+    method: str = "paired sign-flip permutation"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sign_patterns(n: int, exact: bool, n_resamples: int, rng: np.random.Generator, batch: int):
+    """Yield batches of +-1 sign matrices [b, n]: all 2**n patterns when exact, else random."""
+    if exact:
+        total = 1 << n
+        bits = np.arange(n, dtype=np.int64)
+        for start in range(0, total, batch):
+            codes = np.arange(start, min(start + batch, total), dtype=np.int64)
+            yield 1.0 - 2.0 * ((codes[:, None] >> bits) & 1)
+    else:
+        for start in range(0, n_resamples, batch):
+            b = min(batch, n_resamples - start)
+            yield 1.0 - 2.0 * rng.integers(0, 2, size=(b, n))
+
+
+def paired_permutation_test(
+    x,
+    y=None,
+    *,
+    statistic: str | Callable = "mean",
+    n_resamples: int = DEFAULT_PERMUTATIONS,
+    seed: int = 0,
+    alternative: str = "two-sided",
+    exact: bool | None = None,
+    batch: int = 2048,
+) -> PermutationResult:
+    """Paired sign-flip permutation test on d = x - y (or on x alone when y is None).
+
+    Under H0 the sign of each per-item difference is exchangeable. ``statistic`` is ``"mean"``
+    (default) or a callable ``f(d, axis=-1)`` vectorised over the last axis. ``exact=None``
+    enumerates all 2**n sign patterns when 2**n <= n_resamples (as scipy does), else draws
+    ``n_resamples`` random patterns from ``numpy.random.default_rng(seed)``. P-values follow
+    scipy.stats.permutation_test: one-sided counts with tolerance 100*eps*|observed|, +1
+    correction for Monte-Carlo draws, two-sided = 2 * min(one-sided), clipped to 1.
+    """
+    d = _as_1d("x", x)
+    if y is not None:
+        yy = _as_1d("y", y)
+        if yy.shape != d.shape:
+            raise ValueError(f"x and y must pair item for item; got {d.size} and {yy.size} items")
+        d = d - yy
+    _check_common(n_resamples, seed, alternative)
+    if statistic == "mean":
+        stat = lambda a, axis=-1: np.mean(a, axis=axis)  # noqa: E731
+    elif callable(statistic):
+        stat = statistic
+    else:
+        raise ValueError(f"statistic={statistic!r}; allowed: 'mean' or a callable f(d, axis=-1)")
+    n = d.size
+    n_max = 2**n
+    if exact is None:
+        exact = n_max <= n_resamples
+    elif exact and n > 24:
+        raise ValueError(f"exact=True with n={n} items needs 2**{n} patterns; allowed: n <= 24")
+    observed = float(stat(d, axis=-1))
+    rng = np.random.default_rng(seed)
+    null = np.concatenate(
+        [np.asarray(stat(s * d, axis=-1), dtype=np.float64) for s in _sign_patterns(n, exact, n_resamples, rng, batch)]
+    )
+    used = n_max if exact else n_resamples
+    adjustment = 0 if exact else 1
+    gamma = abs(np.finfo(np.float64).eps * 100 * observed)
+    p_less = (np.count_nonzero(null <= observed + gamma) + adjustment) / (used + adjustment)
+    p_greater = (np.count_nonzero(null >= observed - gamma) + adjustment) / (used + adjustment)
+    p = {"less": p_less, "greater": p_greater, "two-sided": 2 * min(p_less, p_greater)}[alternative]
+    return PermutationResult(
+        statistic=observed, pvalue=float(min(max(p, 0.0), 1.0)), n=n, n_resamples=used, exact=bool(exact),
+        seed=int(seed), alternative=alternative,
+    )
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Outcome of :func:`bootstrap_ci`."""
+
+    estimate: float  # statistic on the original sample(s)
+    low: float
+    high: float
+    standard_error: float  # std (ddof=1) of the bootstrap distribution
+    confidence_level: float
+    method: str
+    n: int
+    n_resamples: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mean_stat(*samples, axis=-1):
+    if len(samples) != 1:
+        raise ValueError("statistic='mean' takes one sample; pass a callable for several paired samples")
+    return np.mean(samples[0], axis=axis)
+
+
+def bootstrap_ci(
+    *samples,
+    statistic: str | Callable = "mean",
+    n_resamples: int = DEFAULT_BOOTSTRAP,
+    confidence_level: float = 0.95,
+    method: str = "percentile",
+    seed: int = 0,
+) -> BootstrapResult:
+    """Bootstrap CI of ``statistic(*samples, axis=-1)``; several samples are resampled as pairs.
+
+    Items (rows shared by all samples) are drawn with replacement via
+    ``numpy.random.default_rng(seed).integers(0, n, (n_resamples, n))`` - the same stream as
+    ``scipy.stats.bootstrap(..., paired=True, rng=seed)``. ``method``: ``percentile`` (default),
+    ``basic`` or ``bca`` (bias-corrected and accelerated; jackknife acceleration over items,
+    Efron & Tibshirani 14.3). Quantiles use linear interpolation. Any statistic works (median,
+    a difference of two preference rates, ...) as long as it is vectorised over the last axis.
+    """
+    if not samples:
+        raise ValueError("bootstrap_ci needs at least one sample")
+    data = [_as_1d(f"sample {i}", s) for i, s in enumerate(samples)]
+    n = data[0].size
+    if any(s.size != n for s in data):
+        raise ValueError(f"paired samples must have equal length; got {[s.size for s in data]}")
+    _check_common(n_resamples, seed)
+    if method not in CI_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {', '.join(CI_METHODS)}")
+    if not 0.0 < confidence_level < 1.0:
+        raise ValueError(f"confidence_level={confidence_level!r}; must lie strictly between 0 and 1")
+    if statistic == "mean":
+        stat = _mean_stat
+    elif callable(statistic):
+        stat = statistic
+    else:
+        raise ValueError(f"statistic={statistic!r}; allowed: 'mean' or a callable f(*samples, axis=-1)")
+    if method == "bca" and n < 2:
+        raise ValueError("method='bca' needs at least 2 items for the jackknife")
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, (n_resamples, n))
+    theta_b = np.asarray(stat(*[s[idx] for s in data], axis=-1), dtype=np.float64)
+    theta = float(stat(*data, axis=-1))
+    alpha = (1.0 - confidence_level) / 2.0
+
+    if method == "bca":
+        # z0: bias correction from the share of bootstrap values below the estimate (ties half).
+        share = (np.count_nonzero(theta_b < theta) + np.count_nonzero(theta_b <= theta)) / (2.0 * n_resamples)
+        z0 = ndtri(share)
+        keep = ~np.eye(n, dtype=bool)
+        jack_idx = np.broadcast_to(np.arange(n), (n, n))[keep].reshape(n, n - 1)
+        theta_j = np.asarray(stat(*[s[jack_idx] for s in data], axis=-1), dtype=np.float64)
+        u = (n - 1) * (theta_j.mean() - theta_j)
+        num, den = np.sum(u**3) / n**3, np.sum(u**2) / n**2
+        a_hat = num / den**1.5 / 6.0 if den > 0 else 0.0
+        z_lo, z_hi = ndtri(alpha), -ndtri(alpha)
+        q_lo = ndtr(z0 + (z0 + z_lo) / (1 - a_hat * (z0 + z_lo)))
+        q_hi = ndtr(z0 + (z0 + z_hi) / (1 - a_hat * (z0 + z_hi)))
+        if not (np.isfinite(q_lo) and np.isfinite(q_hi)):
+            raise ValueError("BCa interval undefined (degenerate bootstrap distribution); use method='percentile'")
+    else:
+        q_lo, q_hi = alpha, 1.0 - alpha
+    low, high = (float(v) for v in np.quantile(theta_b, [q_lo, q_hi]))
+    if method == "basic":
+        low, high = 2 * theta - high, 2 * theta - low
+    return BootstrapResult(
+        estimate=theta, low=low, high=high, standard_error=float(np.std(theta_b, ddof=1)) if n_resamples > 1 else 0.0,
+        confidence_level=float(confidence_level), method=method, n=n, n_resamples=int(n_resamples), seed=int(seed),
+    )
+
+
+# --------------------------------------------------------------------------- multiple testing
+
+
+def bh_adjust(pvalues: Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg (step-up FDR) adjusted p-values, in the input order.
+
+    p_adj(i) = min_{k >= rank(i)} p_(k) * m / k, clipped to 1 (same arithmetic as
+    ``statsmodels.stats.multitest.multipletests(method="fdr_bh")``).
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"pvalues must be one-dimensional; got shape {p.shape}")
+    if p.size == 0:
+        return p.copy()
+    if np.any(~np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
+        bad = p[~(np.isfinite(p) & (p >= 0) & (p <= 1))][0]
+        raise ValueError(f"p-value {bad!r} out of range; allowed: finite values in [0, 1]")
+    order = np.argsort(p, kind="mergesort")
+    m = p.size
+    raw = p[order] / (np.arange(1, m + 1) / float(m))
+    adj = np.minimum.accumulate(raw[::-1])[::-1]
+    adj = np.minimum(adj, 1.0)
+    out = np.empty_like(adj)
+    out[order] = adj
+    return out
+
+
+# --------------------------------------------------------------------------- lm-eval sample logs
+
+
+@dataclass
+class PairedSamples:
+    """Per-item metric values of two runs, aligned by ``doc_hash``."""
+
+    metric: str
+    doc_hashes: list[str]
+    doc_ids_a: list[int]
+    doc_ids_b: list[int]
+    a: np.ndarray
+    b: np.ndarray
+    only_in_a: int = 0
+    only_in_b: int = 0
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def differences(self) -> np.ndarray:
+        return self.a - self.b
+
+
+def _read_log_samples(path: Path, metric: str, filter_key: str | None) -> dict[tuple[str, int], tuple[int, float]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            rows.append((lineno, rec))
+    if not rows:
+        raise ValueError(f"{path}: no samples; expected lm-eval --log_samples JSONL lines")
+    filters = sorted({rec.get("filter", "none") for _, rec in rows})
+    if filter_key is None:
+        if len(filters) > 1:
+            raise ValueError(f"{path}: several filters {filters}; pass filter_key= one of them")
+        filter_key = filters[0]
+    elif filter_key not in filters:
+        raise ValueError(f"{path}: filter {filter_key!r} not logged; allowed: {', '.join(filters)}")
+    by_hash: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for lineno, rec in rows:
+        if rec.get("filter", "none") != filter_key:
+            continue
+        for key in ("doc_id", "doc_hash"):
+            if key not in rec:
+                raise ValueError(f"{path}:{lineno}: missing field {key!r}; is this an lm-eval --log_samples file?")
+        if metric not in rec:
+            logged = rec.get("metrics") or sorted(k for k, v in rec.items() if isinstance(v, (int, float)))
+            raise ValueError(f"{path}:{lineno}: metric {metric!r} not logged; allowed: {', '.join(map(str, logged))}")
+        value = rec[metric]
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{path}:{lineno}: metric {metric!r} value {value!r} is not a finite number")
+        by_hash[rec["doc_hash"]].append((int(rec["doc_id"]), float(value)))
+    out = {}
+    for h, items in by_hash.items():
+        # Identical documents (same hash) are paired in doc_id order: k-th with k-th.
+        for k, item in enumerate(sorted(items)):
+            out[(h, k)] = item
+    return out
+
+
+def pair_log_samples(path_a, path_b, metric: str, *, filter_key: str | None = None, strict: bool = True) -> PairedSamples:
+    """Pair two lm-eval ``--log_samples`` JSONL files item by item on ``doc_hash``.
+
+    Returns the metric's per-item values ``a`` and ``b`` (ordered by doc_id of file A). Documents
+    logged more than once (same hash) are paired by occurrence in doc_id order. With
+    ``strict=True`` (default) any document present in only one file is an error; with
+    ``strict=False`` the intersection is used and the unmatched counts are recorded.
+    """
+    a = _read_log_samples(Path(path_a), metric, filter_key)
+    b = _read_log_samples(Path(path_b), metric, filter_key)
+    only_a, only_b = a.keys() - b.keys(), b.keys() - a.keys()
+    if strict and (only_a or only_b):
+        raise ValueError(
+            f"{len(only_a)} documents only in {path_a} and {len(only_b)} only in {path_b}; "
+            "pass strict=False to pair the intersection"
+        )
+    keys = sorted(a.keys() & b.keys(), key=lambda k: (a[k][0], k))
+    if not keys:
+        raise ValueError(f"no document of {path_a} matches one of {path_b} by doc_hash")
+    return PairedSamples(
+        metric=metric,
+        doc_hashes=[k[0] for k in keys],
+        doc_ids_a=[a[k][0] for k in keys],
+        doc_ids_b=[b[k][0] for k in keys],
+        a=np.array([a[k][1] for k in keys]),
+        b=np.array([b[k][1] for k in keys]),
+        only_in_a=len(only_a),
+        only_in_b=len(only_b),
+        sources={"a": str(path_a), "b": str(path_b)},
+    )

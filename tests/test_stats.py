@@ -1,0 +1,186 @@
+"""fare_tasks.stats against scipy / statsmodels / hand-worked values."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from fare_tasks.stats import bh_adjust, bootstrap_ci, pair_log_samples, paired_permutation_test
+
+
+def _mean_diff(x, y, axis=-1):
+    return np.mean(x - y, axis=axis)
+
+
+# ----------------------------------------------------------------- permutation test
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_permutation_exact_matches_scipy(alternative):
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.3, 1.0, 11)
+    y = rng.normal(0.0, 1.0, 11)
+    ours = paired_permutation_test(x, y, alternative=alternative)  # 2**11 <= 10,000 -> exhaustive
+    ref = sps.permutation_test((x, y), _mean_diff, permutation_type="samples", alternative=alternative,
+                               vectorized=True, n_resamples=10_000)
+    assert ours.exact and ours.n_resamples == 2**11
+    assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
+    assert ours.statistic == pytest.approx(ref.statistic, rel=1e-12)
+
+
+def test_permutation_exact_with_ties_binary_items():
+    # CrowS-style 0/1 outcomes: many exact ties in the null distribution.
+    x = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0], float)
+    y = np.array([0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0], float)
+    ours = paired_permutation_test(x, y)
+    ref = sps.permutation_test((x, y), _mean_diff, permutation_type="samples", vectorized=True, n_resamples=10_000)
+    assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
+    # hand check: 6 non-zero differences, all +1 -> exact two-sided p = 2 * (1/64) = 1/32
+    assert ours.pvalue == pytest.approx(1 / 32, abs=1e-12)
+
+
+def test_permutation_monte_carlo_close_to_scipy_and_seeded():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.25, 1.0, 60)
+    y = rng.normal(0.0, 1.0, 60)
+    ours = paired_permutation_test(x, y, seed=7)
+    ref = sps.permutation_test((x, y), _mean_diff, permutation_type="samples", vectorized=True,
+                               n_resamples=100_000, rng=123)
+    assert not ours.exact and ours.n_resamples == 10_000 and ours.seed == 7
+    # Monte-Carlo SE of p is <= sqrt(p(1-p)/1e4) ~ 0.005; allow ~5 SE.
+    assert abs(ours.pvalue - ref.pvalue) < 0.025
+    assert 0.0 < ours.pvalue < 0.5
+    again = paired_permutation_test(x, y, seed=7)
+    assert again == ours
+    assert paired_permutation_test(x, y, seed=8).pvalue != ours.pvalue
+
+
+def test_permutation_custom_statistic_matches_scipy():
+    rng = np.random.default_rng(3)
+    d = rng.standard_t(3, 10) + 0.5
+    med = lambda a, axis=-1: np.median(a, axis=axis)  # noqa: E731
+    ours = paired_permutation_test(d, statistic=med)
+    ref = sps.permutation_test((d,), med, permutation_type="samples", vectorized=True, n_resamples=10_000)
+    assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
+
+
+def test_permutation_bad_input():
+    with pytest.raises(ValueError, match="pair item for item"):
+        paired_permutation_test([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="alternative='sideways'"):
+        paired_permutation_test([1, 2], [0, 1], alternative="sideways")
+    with pytest.raises(ValueError, match="empty"):
+        paired_permutation_test([], [])
+    with pytest.raises(ValueError, match="NaN"):
+        paired_permutation_test([1.0, np.nan])
+
+
+# ----------------------------------------------------------------- bootstrap
+
+
+@pytest.mark.parametrize("method,scipy_method", [("percentile", "percentile"), ("basic", "basic"), ("bca", "BCa")])
+def test_bootstrap_one_sample_matches_scipy(method, scipy_method):
+    rng = np.random.default_rng(4)
+    x = rng.exponential(2.0, 40)  # skewed: percentile, basic and BCa differ visibly
+    ours = bootstrap_ci(x, method=method, seed=11)
+    ref = sps.bootstrap((x,), np.mean, n_resamples=1000, method=scipy_method, rng=11)
+    assert (ours.n_resamples, ours.seed, ours.n) == (1000, 11, 40)
+    assert ours.low == pytest.approx(ref.confidence_interval.low, rel=1e-10)
+    assert ours.high == pytest.approx(ref.confidence_interval.high, rel=1e-10)
+    assert ours.standard_error == pytest.approx(ref.standard_error, rel=1e-10)
+    assert ours.estimate == pytest.approx(x.mean())
+
+
+def test_bootstrap_methods_really_differ():
+    x = np.random.default_rng(4).exponential(2.0, 40)
+    lows = {m: bootstrap_ci(x, method=m, seed=11).low for m in ("percentile", "basic", "bca")}
+    assert len({round(v, 6) for v in lows.values()}) == 3
+
+
+@pytest.mark.parametrize("method,scipy_method", [("percentile", "percentile"), ("bca", "BCa")])
+def test_bootstrap_paired_non_mean_statistic_matches_scipy(method, scipy_method):
+    # Non-mean statistic of paired data: ratio of means (e.g. PPL ratio), items resampled as pairs.
+    rng = np.random.default_rng(5)
+    a = rng.gamma(3.0, 1.0, 30)
+    b = a * rng.uniform(0.8, 1.4, 30)
+
+    def ratio(x, y, axis=-1):
+        return np.mean(y, axis=axis) / np.mean(x, axis=axis)
+
+    ours = bootstrap_ci(a, b, statistic=ratio, method=method, seed=3, confidence_level=0.9)
+    ref = sps.bootstrap((a, b), ratio, paired=True, n_resamples=1000, method=scipy_method,
+                        confidence_level=0.9, rng=3)
+    assert ours.low == pytest.approx(ref.confidence_interval.low, rel=1e-10)
+    assert ours.high == pytest.approx(ref.confidence_interval.high, rel=1e-10)
+
+
+def test_bootstrap_median_matches_scipy():
+    x = np.random.default_rng(6).normal(size=25)
+    med = lambda a, axis=-1: np.median(a, axis=axis)  # noqa: E731
+    ours = bootstrap_ci(x, statistic=med, seed=0)
+    ref = sps.bootstrap((x,), med, n_resamples=1000, method="percentile", rng=0)
+    assert (ours.low, ours.high) == pytest.approx(tuple(ref.confidence_interval), rel=1e-10)
+
+
+def test_bootstrap_bad_input():
+    with pytest.raises(ValueError, match="method='normal'"):
+        bootstrap_ci([1.0, 2.0, 3.0], method="normal")
+    with pytest.raises(ValueError, match="equal length"):
+        bootstrap_ci([1.0, 2.0], [1.0], statistic=lambda a, b, axis=-1: a.mean(axis) - b.mean(axis))
+    with pytest.raises(ValueError, match="confidence_level=1.5"):
+        bootstrap_ci([1.0, 2.0], confidence_level=1.5)
+
+
+# ----------------------------------------------------------------- Benjamini-Hochberg
+
+
+def test_bh_equals_statsmodels_exactly():
+    rng = np.random.default_rng(7)
+    for m in (1, 2, 5, 17, 200):
+        p = rng.uniform(size=m) ** 3
+        p[: m // 3] = p[0]  # ties
+        ref = multipletests(p, method="fdr_bh")[1]
+        np.testing.assert_array_equal(bh_adjust(p), ref)
+
+
+def test_bh_hand_worked():
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.04, 0.04, 0.5
+    np.testing.assert_allclose(bh_adjust([0.5, 0.03, 0.01, 0.02]), [0.5, 0.04, 0.04, 0.04])
+    with pytest.raises(ValueError, match="1.2"):
+        bh_adjust([0.1, 1.2])
+
+
+# ----------------------------------------------------------------- log_samples pairing
+
+
+def _write_log(path, rows, filter_key="none"):
+    with open(path, "w") as fh:
+        for doc_id, h, val in rows:
+            fh.write(json.dumps({"doc_id": doc_id, "doc": {}, "filter": filter_key, "metrics": ["acc"],
+                                 "doc_hash": h, "prompt_hash": "p", "acc": val}) + "\n")
+
+
+def test_pair_log_samples_by_hash(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_log(a, [(0, "h0", 1.0), (1, "h1", 0.0), (2, "h2", 1.0), (3, "dup", 1.0), (4, "dup", 0.0)])
+    # B: different doc order / ids, same documents
+    _write_log(b, [(0, "h2", 0.0), (1, "dup", 0.0), (2, "h0", 1.0), (3, "h1", 1.0), (4, "dup", 1.0)])
+    paired = pair_log_samples(a, b, "acc")
+    assert paired.doc_hashes == ["h0", "h1", "h2", "dup", "dup"]
+    np.testing.assert_array_equal(paired.a, [1, 0, 1, 1, 0])
+    np.testing.assert_array_equal(paired.b, [1, 1, 0, 0, 1])  # dup paired by occurrence in doc_id order
+    np.testing.assert_array_equal(paired.differences, [0, -1, 1, 1, -1])
+
+
+def test_pair_log_samples_errors(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_log(a, [(0, "h0", 1.0), (1, "h1", 0.0)])
+    _write_log(b, [(0, "h0", 1.0), (1, "hX", 0.0)])
+    with pytest.raises(ValueError, match="1 documents only in"):
+        pair_log_samples(a, b, "acc")
+    loose = pair_log_samples(a, b, "acc", strict=False)
+    assert loose.doc_hashes == ["h0"] and (loose.only_in_a, loose.only_in_b) == (1, 1)
+    with pytest.raises(ValueError, match="metric 'pct_stereotype' not logged; allowed: acc"):
+        pair_log_samples(a, b, "pct_stereotype", strict=False)
