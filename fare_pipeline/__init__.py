@@ -1,0 +1,1 @@
+"""The FARE diagnostic pipeline (paper arXiv:2603.27141): prompt set, FSP profiling, AALS, operating point."""
