@@ -1,0 +1,99 @@
+"""Method registry and ``apply_compression`` (the one entry point used by fare_moe and the CLI)."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+
+from .calibration import CALIBRATION_KEYS, calibration_from_params
+
+INSTALL_HINT = "install the 'compress' extra: pip install 'fare-moe[compress]' (or pip install --no-deps -r requirements-compress.txt)"
+
+
+class MissingBackendError(ImportError):
+    """A compression method's library is not installed; the message names the extra to install."""
+
+
+@dataclass(frozen=True)
+class Method:
+    func: str  # "module:function" inside fare_compression
+    params: tuple[str, ...]
+    calibrated: bool
+    backends: tuple[str, ...] = ()  # importable module names required
+    fixed: tuple = ()  # fixed keyword arguments
+
+
+_SPARSE = ("ratio", "structure", "tokens", "batch_size", "blocksize", "percdamp")
+METHODS: dict[str, Method] = {
+    "magnitude": Method("sparsity:run", ("ratio", "structure"), False, (), (("method", "magnitude"),)),
+    "wanda": Method("sparsity:run", _SPARSE, True, (), (("method", "wanda"),)),
+    "sparsegpt": Method("sparsity:run", _SPARSE, True, (), (("method", "sparsegpt"),)),
+    "prune_frequency": Method("expert_prune:run", ("ratio", "batch_size"), True, (), (("score", "frequency"),)),
+    "prune_reap": Method("expert_prune:run", ("ratio", "batch_size"), True, (), (("score", "reap"),)),
+    "hc_smoe": Method("hcsmoe:run", ("num_clusters", "ratio", "linkage", "cluster", "freq_topk", "batch_size"), True),
+    "bnb_int8": Method("bnb:run", ("threshold", "experts"), False, ("bitsandbytes",), (("bits", 8),)),
+    "bnb_nf4": Method("bnb:run", ("quant_type", "double_quant", "experts"), False, ("bitsandbytes",), (("bits", 4),)),
+    "gptq_w4a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size"), True,
+                         ("llmcompressor", "compressed_tensors"), (("scheme", "W4A16"),)),
+    "gptq_w8a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size"), True,
+                         ("llmcompressor", "compressed_tensors"), (("scheme", "W8A16"),)),
+}
+
+
+def coerce(value):
+    """model_args arrive as strings: "0.5" -> 0.5, "8" -> 8, "true" -> True; others unchanged."""
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def require_backends(method: str, names: tuple[str, ...]) -> None:
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingBackendError(f"compression method {method!r} needs {', '.join(missing)}, which is not installed; {INSTALL_HINT}")
+
+
+def apply_compression(model, method: str, params: dict | None = None, tokenizer=None):
+    """Compress ``model`` in place with ``method`` and its ``params``; returns the model.
+
+    Calibrated methods take ``calib_<key>`` params (keys: n, seq_len, p, seed, general, safety,
+    stats_tokens, chat); the record of what was done is stored on ``model.fare_compression``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    params = {k: coerce(v) for k, v in (params or {}).items()}
+    calib_keys = {f"calib_{k}" for k in CALIBRATION_KEYS} if spec.calibrated else set()
+    unknown = sorted(set(params) - set(spec.params) - calib_keys)
+    if unknown:
+        allowed = sorted(set(spec.params) | calib_keys)
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for method {method!r}; allowed: {', '.join(allowed)}")
+    require_backends(method, spec.backends)
+    module_name, _, func_name = spec.func.partition(":")
+    func = getattr(importlib.import_module(f"fare_compression.{module_name}"), func_name)
+    method_params = {k: v for k, v in params.items() if k in spec.params}
+    calib = calibration_from_params(tokenizer, params) if spec.calibrated else None
+    t0 = time.perf_counter()
+    model, info = func(model, calib=calib, tokenizer=tokenizer, **dict(spec.fixed), **method_params)
+    record = {"method": method, "params": method_params, "details": info,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if calib is not None:
+        record["calibration"] = calib.manifest
+    model.fare_compression = record
+    return model
