@@ -251,7 +251,7 @@ def bh_adjust(pvalues: Sequence[float]) -> np.ndarray:
     if p.size == 0:
         return p.copy()
     if np.any(~np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
-        bad = p[~(np.isfinite(p) & (p >= 0) & (p <= 1))][0]
+        bad = float(p[~(np.isfinite(p) & (p >= 0) & (p <= 1))][0])
         raise ValueError(f"p-value {bad!r} out of range; allowed: finite values in [0, 1]")
     order = np.argsort(p, kind="mergesort")
     m = p.size
