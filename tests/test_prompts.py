@@ -101,3 +101,14 @@ def test_span_token_positions_by_hand():
     assert span_token_positions(offsets, (2, 11)) == [1, 2, 3]
     with pytest.raises(ValueError, match="span="):
         span_token_positions(offsets, (5, 5))
+
+
+def test_cli_prompts(tmp_path, capsys):
+    from fare_models.cli import main
+
+    assert main(["prompts", "--out", str(tmp_path / "p"), "--axes", "gender,age", "--contexts-per-descriptor", "6"]) == 0
+    back = PromptSet.read(tmp_path / "p")
+    assert len(back.neutral) == 576 and len(back.demographic) == 8 * 6
+    assert (tmp_path / "p" / "prompts_manifest.json").exists()
+    assert main(["prompts", "--out", str(tmp_path / "q"), "--axes", "caste"]) == 2
+    assert "unknown axis 'caste'; allowed: gender" in capsys.readouterr().err
