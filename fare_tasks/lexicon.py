@@ -1,7 +1,8 @@
 """Whole-word, case-insensitive term matching for project-written lexicons.
 
-A term is one or more words; words inside a term match any run of whitespace or a hyphen
-(``"good at math"`` matches ``"Good  at math"``). A trailing ``*`` makes the last word a prefix
+A term is one or more words separated by spaces or hyphens; in text, the separators match any run
+of whitespace or hyphens (``"good at math"`` matches ``"Good  at-math"``, ``"wheelchair-bound"``
+matches ``"wheelchair bound"``). A trailing ``*`` makes the last word a prefix
 (``"criminal*"`` matches ``criminals``, ``criminality``). Terms never match inside a longer word
 (``"cheap"`` does not match ``cheapskate`` unless written ``cheap*``). Typographic apostrophes are
 normalised to ``'`` before matching.
@@ -22,7 +23,7 @@ def normalise(text: str) -> str:
 def _term_pattern(term: str) -> str:
     term = normalise(term).strip()
     prefix = term.endswith("*")
-    words = term.rstrip("*").split()
+    words = [w for w in re.split(r"[\s\-]+", term.rstrip("*")) if w]
     if not words or any("*" in w for w in words):
         raise ValueError(f"bad lexicon term {term!r}: use words, with at most one '*' at the end")
     body = r"[\s\-]+".join(re.escape(w) for w in words)
