@@ -1,0 +1,53 @@
+"""fare_pipeline.profiling on a tiny OLMoE: token bookkeeping, padding, shared-token mode."""
+
+import numpy as np
+import pytest
+
+from fare_pipeline.prompts import build_prompt_set, load_resources
+from fare_pipeline.profiling import record_routing
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from fare_models.tiny import build_tiny_model, build_tokenizer
+
+    return build_tiny_model("olmoe", seed=0), build_tokenizer()
+
+
+def _small_set(descriptors, n_templates=3, n_professions=4):
+    res = load_resources()
+    return build_prompt_set(templates=res["templates"][:n_templates], professions=res["professions"][:n_professions],
+                            descriptors=descriptors, contexts_per_descriptor="all")
+
+
+def test_token_bookkeeping_and_padding(tiny):
+    model, tok = tiny
+    ps = _small_set({"gender": ["female", "male"]}, 2, 3)  # 6 neutral + 12 demographic prompts
+    rec = record_routing(model, tok, ps, batch_size=5)
+    names = rec.group_names
+    assert names == ["neutral", "female", "male"]
+    t = rec.tokens.numpy()
+    # byte-level tokenizer without special tokens: one token per character
+    assert (t[:, 0] == sum(len(p.text) for p in ps.neutral)).all()
+    assert (t[:, 1] == sum(len(p.text) for p in ps.demographic if p.group == "female")).all()
+    c = rec.counts.numpy()
+    np.testing.assert_array_equal(c.sum(axis=1), 2 * t)  # top-2: every token selects two experts
+    # padding never counts: batch size 1 gives the same aggregates
+    one = record_routing(model, tok, ps, batch_size=18)
+    np.testing.assert_array_equal(one.counts.numpy(), c)
+    np.testing.assert_allclose(one.prob_sums.numpy(), rec.prob_sums.numpy(), rtol=1e-5)
+    few = ps.prompts[:3] + ps.prompts[-3:]
+    np.testing.assert_array_equal(record_routing(model, tok, few, batch_size=1).counts.numpy(),
+                                  record_routing(model, tok, few, batch_size=6).counts.numpy())
+    # shared-token mode drops exactly the descriptor's characters
+    shared = record_routing(model, tok, ps, batch_size=7, token_mode="shared")
+    assert (shared.tokens.numpy()[:, 2] == sum(len(p.text) - 4 for p in ps.demographic if p.group == "male")).all()
+    assert (shared.tokens.numpy()[:, 0] == t[:, 0]).all()
+
+
+def test_bad_input(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="empty prompt set"):
+        record_routing(model, tok, [])
+    with pytest.raises(ValueError, match="token_mode='descriptor'; allowed: all, shared"):
+        record_routing(model, tok, _small_set({"age": ["old"]}, 1, 1), token_mode="descriptor")
