@@ -268,3 +268,19 @@ def test_harmbench_and_bold_per_item_metrics():
     assert safety_tasks.process_bold({"domain": "race"}, [{"toxicity": 0.5, "scorer": "s"}]) == {
         "toxicity": 0.5, "toxic": 1, "toxic_race": 1}  # threshold is inclusive
     assert safety_tasks.process_bold({"domain": "race"}, [{"toxicity": 0.49, "scorer": "s"}])["toxic"] == 0
+
+
+def test_xstest_unknown_label_is_a_clear_error(monkeypatch):
+    from fare_tasks import data
+
+    rows = [{"id": "1", "prompt": "p", "type": "homonyms", "label": "safe"},
+            {"id": "2", "prompt": "q", "type": "homonyms", "label": "maybe"}]
+    monkeypatch.setattr(data, "read_csv", lambda *a, **k: rows)
+    with pytest.raises(data.DataError, match="unknown label\\(s\\) maybe; allowed: safe, unsafe"):
+        safety_tasks.load_xstest()
+
+
+def test_real_xstest_counts(data_dir):
+    docs = safety_tasks.load_xstest()["test"].to_list()
+    assert len(docs) == 450 and sum(d["label"] == "safe" for d in docs) == 250  # SOURCE.md: 250 safe, 200 unsafe
+    assert len({d["type"] for d in docs}) == 18
