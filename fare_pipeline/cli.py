@@ -72,7 +72,64 @@ def _not_yet(name: str):
     return run
 
 
-profile = _not_yet("profile")
+def _weights(value: str) -> dict:
+    out = {}
+    for part in value.split(","):
+        key, sep, num = part.partition("=")
+        try:
+            out[key.strip()] = float(num)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected name=number, e.g. ard=1,jsd=0.5,pmi=0.3,ent=0") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected name=number")
+    return out
+
+
+def profile(argv: list[str]) -> int:
+    """``fare profile --model M --out DIR``: routing extraction + FSP -> phi profile (SPEC sections 2-3)."""
+    from .fsp import _CHOICES, DEFAULT_WEIGHTS, FSPOptions
+    from .prompts import PromptSet, build_prompt_set
+    from .profiling import TOKEN_MODES, load_model, profile_model
+
+    ap = argparse.ArgumentParser(prog="fare profile", description=profile.__doc__)
+    ap.add_argument("--model", required=True, help="hub id, local path, fare-tiny or fare-tiny:<model_type>")
+    ap.add_argument("--revision", default=None)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--prompts", type=Path, default=None, help="folder or prompts.jsonl from `fare prompts` "
+                    "(default: build the default set with --seed)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="validation", choices=["validation", "test", "all"])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--token-mode", default="all", choices=TOKEN_MODES)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--weights", type=_weights, default=dict(DEFAULT_WEIGHTS),
+                    help="FSP weights, default ard=1,jsd=0.5,pmi=0.3,ent=0")
+    for name, allowed in _CHOICES.items():
+        ap.add_argument("--" + name.replace("_", "-"), default=getattr(FSPOptions, name), choices=allowed)
+    ap.add_argument("--pmi-smoothing", type=float, default=FSPOptions.pmi_smoothing)
+    ap.add_argument("--top-share-k", type=int, default=FSPOptions.top_share_k)
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        opts = FSPOptions(weights=args.weights, pmi_smoothing=args.pmi_smoothing, top_share_k=args.top_share_k,
+                          **{name: getattr(args, name) for name in _CHOICES})
+        ps = PromptSet.read(args.prompts) if args.prompts else build_prompt_set(seed=args.seed)
+        model, tok, model_id = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+        out = profile_model(model, tok, ps, args.out, model_id=model_id, split=args.split,
+                            batch_size=args.batch_size, token_mode=args.token_mode, options=opts,
+                            plots=not args.no_plots, progress=args.progress,
+                            extra_manifest={"revision": args.revision, "versions": _versions()})
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("profile", e)
+    d = out["result"].descriptors["model"]
+    print(f"wrote {args.out / 'phi.safetensors'} ({len(out['result'].layers)} MoE layers); "
+          f"model-wide Gini {d['gini']:.3f}, top-{out['result'].descriptors['top_share_k']} share {d['top_share']:.3f}, "
+          f"rho(phi, f) {d['spearman_phi_f']:.3f}")
+    return 0
+
+
 layers = _not_yet("layers")
 tune = _not_yet("tune")
 ablate = _not_yet("ablate")

@@ -86,3 +86,85 @@ def record_routing(
             rec.set_token_mask(keep)
             model(input_ids=ids.to(device), attention_mask=attn.to(device))
     return rec
+
+
+# --------------------------------------------------------------------------- `fare profile`
+
+
+def load_model(spec: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer, model_id) for a hub id, local path or ``fare-tiny[:type]``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fare_models.tiny import is_tiny_spec, parse_tiny_spec, tiny_model_path
+
+    model_id = spec
+    if is_tiny_spec(spec):
+        model_id = f"fare-tiny:{parse_tiny_spec(spec)}"
+        spec = str(tiny_model_path(model_id))
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(dtypes)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtypes[dtype]).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(spec, revision=revision)
+    return model, tok, model_id
+
+
+def profile_model(
+    model,
+    tokenizer,
+    prompt_set: PromptSet,
+    out_dir,
+    *,
+    model_id: str | None = None,
+    split: str = "validation",
+    batch_size: int = 16,
+    token_mode: str = "all",
+    options=None,
+    plots: bool = True,
+    progress: bool = False,
+    extra_manifest: dict | None = None,
+) -> dict:
+    """Routing extraction + FSP; writes phi.safetensors, routing/, fsp_* tables, plots, manifest.json."""
+    import json
+    from pathlib import Path
+
+    from fare_models.profile import save_profile
+    from fare_models.surgery import RoutingController
+
+    from .fsp import FSPOptions, compute_fsp
+
+    if split not in ("validation", "test", "all"):
+        raise ValueError(f"split={split!r}; allowed: validation, test, all")
+    subset = prompt_set if split == "all" else prompt_set.split(split)
+    if not subset.prompts:
+        raise ValueError(f"empty prompt set: no prompts in split {split!r}")
+    options = options or FSPOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = record_routing(model, tokenizer, subset, groups=prompt_set.groups(), batch_size=batch_size,
+                         token_mode=token_mode, progress=progress)
+    rec.save(out / "routing")
+    ctl = RoutingController.of(model)
+    E = rec.num_experts
+    mask = torch.tensor([[e < layer.num_experts for e in range(E)] for layer in ctl.layers])
+    result = compute_fsp(rec.counts, rec.tokens, rec.group_names, prob_sums=rec.prob_sums,
+                         group_axes=prompt_set.group_axes(), layers=rec.layer_indices, expert_mask=mask,
+                         options=options)
+    tables = result.write(out)
+    run_info = {"split": split, "token_mode": token_mode, "batch_size": batch_size, "n_prompts": len(subset),
+                "prompt_seed": prompt_set.meta.get("seed"), "prompts_sha256": prompt_set.meta.get("resources_sha256")}
+    save_profile(out / "phi.safetensors", result.phi, rec.layer_indices, model_id, ctl.model_type,
+                 fsp=result.options, profiling=run_info)
+    files = [str(p.name) for p in tables] + ["phi.safetensors", "routing/"]
+    if plots:
+        from . import plots as P
+
+        P.phi_heatmap(result.phi.numpy(), rec.layer_indices, out / "phi_heatmap.png")
+        P.jsd_by_axis(result.layer["jsd_by_axis"], rec.layer_indices, out / "jsd_by_axis.png")
+        files += ["phi_heatmap.png", "jsd_by_axis.png"]
+    manifest = {"command": "profile", "model": model_id, "model_type": ctl.model_type, **run_info,
+                "prompt_manifest": prompt_set.meta, "fsp": result.options, "files": files, **(extra_manifest or {})}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return {"result": result, "recorder": rec, "manifest": manifest}

@@ -51,3 +51,27 @@ def test_bad_input(tiny):
         record_routing(model, tok, [])
     with pytest.raises(ValueError, match="token_mode='descriptor'; allowed: all, shared"):
         record_routing(model, tok, _small_set({"age": ["old"]}, 1, 1), token_mode="descriptor")
+
+
+def test_cli_profile_end_to_end(tmp_path, tiny_path, capsys):
+    from fare_models.cli import main
+    from fare_models.profile import load_profile
+    from fare_models.surgery import load_routing
+    from fare_pipeline.fsp import compute_fsp
+
+    _small_set({"gender": ["female", "male"], "religion": ["Muslim"]}, 2, 3).write(tmp_path / "p")
+    args = ["profile", "--model", "fare-tiny", "--prompts", str(tmp_path / "p"), "--split", "all", "--batch-size", "8"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--no-plots"]) == 0
+    prof = load_profile(tmp_path / "a" / "phi.safetensors")
+    assert prof.phi.shape == (4, 8) and prof.layers == [0, 1, 2, 3] and prof.model == "fare-tiny:olmoe"
+    assert prof.extra["fsp"]["weights"] == {"ard": 1.0, "jsd": 0.5, "pmi": 0.3, "ent": 0.0}
+    agg, meta = load_routing(tmp_path / "a" / "routing")
+    again = compute_fsp(agg["counts"], agg["tokens"], meta["groups"])
+    np.testing.assert_allclose(prof.phi.numpy(), again.phi.numpy(), rtol=1e-6)
+    for name in ("fsp_experts.csv", "fsp_layers.csv", "fsp_descriptors.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "phi_heatmap.png").exists() and not (tmp_path / "b" / "phi_heatmap.png").exists()
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "c"), "--weights", "bias=1"]) == 2
+    assert "unknown FSP weight 'bias'" in capsys.readouterr().err
