@@ -34,7 +34,7 @@ METHODS: dict[str, Method] = {
     "hc_smoe": Method("hcsmoe:run", ("num_clusters", "ratio", "linkage", "cluster", "freq_topk", "batch_size"), True),
     "bnb_int8": Method("bnb:run", ("threshold", "experts"), False, ("bitsandbytes",), (("bits", 8),)),
     "bnb_nf4": Method("bnb:run", ("quant_type", "double_quant", "experts"), False, ("bitsandbytes",), (("bits", 4),)),
-    "gptq_w4a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size"), True,
+    "gptq_w4a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size", "group_size"), True,
                          ("llmcompressor", "compressed_tensors"), (("scheme", "W4A16"),)),
     "gptq_w8a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size"), True,
                          ("llmcompressor", "compressed_tensors"), (("scheme", "W8A16"),)),
