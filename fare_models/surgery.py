@@ -393,6 +393,7 @@ class Recorder(RoutingEdit):
         self._counts = torch.zeros(L, G, E, dtype=torch.int64)
         self._prob_sums = torch.zeros(L, G, E, dtype=torch.float64)
         self._tokens = torch.zeros(L, G, dtype=torch.int64)
+        self._acc: dict = {}
         self._pending_mask = None
         self._groups = None
         self._valid = None
@@ -466,13 +467,17 @@ class Recorder(RoutingEdit):
                 groups = self._groups.to(dev)
         G, E = len(self.group_names), layer.num_experts
         p = layer.position
+        acc = self._device_acc(dev)
         probs = self._score(edited.float())
-        chosen = torch.zeros(indices.shape[0], E, dtype=torch.int64, device=dev).scatter_(1, indices.long(), 1)
-        self._counts[p, :, :E] += torch.zeros(G, E, dtype=torch.int64, device=dev).index_add_(0, groups, chosen).cpu()
-        self._prob_sums[p, :, :E] += (
-            torch.zeros(G, E, dtype=torch.float64, device=dev).index_add_(0, groups, probs.double()).cpu()
-        )
-        self._tokens[p] += torch.bincount(groups, minlength=G).cpu()
+        if G == 1:  # the common lm-eval case: no per-group bookkeeping
+            acc["counts"][p, 0, :E] += torch.bincount(indices.reshape(-1), minlength=E)
+            acc["prob_sums"][p, 0, :E] += probs.sum(0, dtype=torch.float64)
+            acc["tokens"][p, 0] += indices.shape[0]
+        else:
+            key = (groups[:, None] * E + indices).reshape(-1)
+            acc["counts"][p, :, :E] += torch.bincount(key, minlength=G * E).view(G, E)
+            acc["prob_sums"][p, :, :E] += torch.zeros(G, E, device=dev).index_add_(0, groups, probs).double()
+            acc["tokens"][p] += torch.bincount(groups, minlength=G)
         if self.trace_dir is not None:
             self._trace.setdefault(f"layer{layer.index}.logits", []).append(raw.float().cpu())
             self._trace.setdefault(f"layer{layer.index}.selected", []).append(indices.to(torch.int32).cpu())
@@ -482,21 +487,38 @@ class Recorder(RoutingEdit):
                 if self._trace_tokens >= self.shard_tokens:
                     self._flush_trace()
 
+    def _device_acc(self, dev) -> dict[str, torch.Tensor]:
+        """Accumulators on the routers' device (no host sync per layer call)."""
+        acc = self._acc.get(dev)
+        if acc is None:
+            acc = self._acc[dev] = {
+                "counts": torch.zeros_like(self._counts, device=dev),
+                "prob_sums": torch.zeros_like(self._prob_sums, device=dev),
+                "tokens": torch.zeros_like(self._tokens, device=dev),
+            }
+        return acc
+
+    def _total(self, name: str) -> torch.Tensor:
+        total = getattr(self, f"_{name}").clone()
+        for acc in self._acc.values():
+            total += acc[name].cpu()
+        return total
+
     # ------------------------------------------------------------ results
     @property
     def counts(self) -> torch.Tensor:
         """[L, E, G] tokens of group g whose top-k includes expert e."""
-        return self._counts.permute(0, 2, 1).contiguous()
+        return self._total("counts").permute(0, 2, 1).contiguous()
 
     @property
     def prob_sums(self) -> torch.Tensor:
         """[L, E, G] summed routing probabilities."""
-        return self._prob_sums.permute(0, 2, 1).contiguous()
+        return self._total("prob_sums").permute(0, 2, 1).contiguous()
 
     @property
     def tokens(self) -> torch.Tensor:
         """[L, G] tokens seen per layer and group."""
-        return self._tokens.clone()
+        return self._total("tokens")
 
     @property
     def layer_indices(self) -> list[int]:

@@ -239,7 +239,8 @@ def test_recorder_memory_is_independent_of_tokens_and_trace_shards(tmp_path):
         for step in range(3):
             rec.set_groups([0, 1])
             model(ids, output_router_logits=step == 0)
-            sizes.append(sum(t.numel() for t in (rec._counts, rec._prob_sums, rec._tokens)))
+            state = [rec._counts, rec._prob_sums, rec._tokens, *(t for acc in rec._acc.values() for t in acc.values())]
+            sizes.append(sum(t.numel() for t in state))
     assert len(set(sizes)) == 1
     assert rec.tokens.tolist() == [[48, 48]] * 4
     torch.testing.assert_close(rec.prob_sums.sum(1), rec.tokens.double())  # softmax rows sum to 1

@@ -1,0 +1,42 @@
+"""fare-tiny: deterministic, offline, cached tiny MoE models with a local byte-level tokenizer."""
+
+import hashlib
+
+import pytest
+
+from fare_models import tiny
+
+
+def _digest(path):
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_tiny_model_is_deterministic_and_cached(tmp_path, monkeypatch):
+    digests = []
+    for sub in ("a", "b"):
+        monkeypatch.setenv("FARE_CACHE_DIR", str(tmp_path / sub))
+        path = tiny.tiny_model_path("fare-tiny:mixtral")
+        digests.append(_digest(path))
+        assert tiny.tiny_model_path("fare-tiny:mixtral") == path  # second call reuses the cache
+    assert digests[0] == digests[1]
+
+
+def test_byte_tokenizer_round_trips_any_text_and_keeps_pad_out_of_text():
+    tok = tiny.build_tokenizer()
+    text = "Ünïcode, emoji 🙂 and\ttabs\n"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert 0 not in ids and tok.pad_token_id == 0 and tok.eos_token_id == 1
+    assert "<|assistant|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                      add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("spec, model_type", [("fare-tiny", "olmoe"), ("fare-tiny:gpt_oss", "gpt_oss")])
+def test_tiny_spec_parsing(spec, model_type):
+    assert tiny.is_tiny_spec(spec) and tiny.parse_tiny_spec(spec) == model_type
+
+
+def test_unknown_tiny_architecture_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown fare-tiny architecture 'dbrx'; allowed: fare-tiny:olmoe"):
+        tiny.parse_tiny_spec("fare-tiny:dbrx")
