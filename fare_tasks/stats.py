@@ -359,3 +359,37 @@ def pair_log_samples(path_a, path_b, metric: str, *, filter_key: str | None = No
         only_in_b=len(only_b),
         sources={"a": str(path_a), "b": str(path_b)},
     )
+
+
+# --------------------------------------------------------------------------- one-call comparison
+
+
+def paired_comparison(
+    a,
+    b,
+    *,
+    name: str = "",
+    n_permutations: int = DEFAULT_PERMUTATIONS,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence_level: float = 0.95,
+    ci_method: str = "percentile",
+    seed: int = 0,
+) -> dict:
+    """Intervened ``b`` vs baseline ``a`` per item: mean difference b - a, its bootstrap CI and
+    the paired permutation p-value, with every seed and resample count recorded."""
+    a_arr, b_arr = _as_1d("a", a), _as_1d("b", b)
+    perm = paired_permutation_test(b_arr, a_arr, n_resamples=n_permutations, seed=seed)
+    ci = bootstrap_ci(b_arr - a_arr, n_resamples=n_bootstrap, confidence_level=confidence_level,
+                      method=ci_method, seed=seed)
+    return {
+        "name": name, "n": int(a_arr.size), "mean_a": float(a_arr.mean()), "mean_b": float(b_arr.mean()),
+        "delta": perm.statistic, "ci_low": ci.low, "ci_high": ci.high, "confidence_level": ci.confidence_level,
+        "ci_method": ci.method, "pvalue": perm.pvalue, "exact": perm.exact, "n_permutations": perm.n_resamples,
+        "n_bootstrap": ci.n_resamples, "seed": seed,
+    }
+
+
+def bh_family(results: list[dict], key: str = "pvalue", out_key: str = "pvalue_bh") -> list[dict]:
+    """Add Benjamini-Hochberg adjusted p-values across one family of comparisons (new dicts)."""
+    adj = bh_adjust([r[key] for r in results])
+    return [{**r, out_key: float(p), "bh_family_size": len(results)} for r, p in zip(results, adj)]

@@ -7,7 +7,14 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from fare_tasks.stats import bh_adjust, bootstrap_ci, pair_log_samples, paired_permutation_test
+from fare_tasks.stats import (
+    bh_adjust,
+    bh_family,
+    bootstrap_ci,
+    pair_log_samples,
+    paired_comparison,
+    paired_permutation_test,
+)
 
 
 def _mean_diff(x, y, axis=-1):
@@ -184,3 +191,20 @@ def test_pair_log_samples_errors(tmp_path):
     assert loose.doc_hashes == ["h0"] and (loose.only_in_a, loose.only_in_b) == (1, 1)
     with pytest.raises(ValueError, match="metric 'pct_stereotype' not logged; allowed: acc"):
         pair_log_samples(a, b, "pct_stereotype", strict=False)
+
+
+def test_paired_comparison_and_family():
+    rng = np.random.default_rng(9)
+    base = rng.integers(0, 2, 200).astype(float)
+    flip = rng.uniform(size=200) < 0.15
+    treated = np.where(flip, 0.0, base)  # intervention removes some stereotyped choices
+    r = paired_comparison(base, treated, name="crows", seed=5)
+    assert r["delta"] == pytest.approx(treated.mean() - base.mean())
+    assert r["ci_low"] < r["delta"] < r["ci_high"] < 0
+    ref = bootstrap_ci(treated - base, seed=5)
+    assert (r["ci_low"], r["ci_high"]) == (ref.low, ref.high)
+    assert r["pvalue"] == paired_permutation_test(treated, base, seed=5).pvalue
+    assert (r["n_permutations"], r["n_bootstrap"], r["seed"]) == (10_000, 1_000, 5)
+    fam = bh_family([r, {**r, "name": "tqa", "pvalue": 0.04}, {**r, "name": "ss", "pvalue": 0.5}])
+    np.testing.assert_array_equal([x["pvalue_bh"] for x in fam],
+                                  multipletests([r["pvalue"], 0.04, 0.5], method="fdr_bh")[1])
