@@ -2,8 +2,9 @@
 
 GPTQ (Frantar et al. 2022): per Linear, H = 2 X X^T / n, dampening ``dampening_frac`` * mean diag H,
 columns quantised in blocks of ``block_size`` with OBS error propagation through the Cholesky factor
-of H^-1. llm-compressor's ``GPTQModifier`` with its presets: W4A16 = int4 symmetric, group size 128;
-W8A16 = int8 symmetric per channel.
+of H^-1. llm-compressor's ``GPTQModifier`` with its presets: W4A16 = int4 symmetric, W8A16 = int8 symmetric,
+both group-wise with group size 128 in compressed-tensors 0.19 (``group_size`` overrides it; it must
+divide every quantised Linear's input dimension).
 
 MoE handling: the fused experts are linearised into per-expert ``nn.Linear`` (llm-compressor's
 ``linearize_moe``), ``moe_calibrate_all_experts=True`` runs every expert on every calibration token
@@ -25,15 +26,16 @@ import torch
 
 from .calibration import CalibrationSet
 
-SCHEMES = ("W4A16", "W8A16")
+SCHEMES = {"W4A16": 4, "W8A16": 8}
 IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*router$", "re:.*shared_expert_gate$"]
 
 
 def _scheme(scheme: str, group_size: int):
-    """Preset name, or for W4A16 with a non-default group size the equivalent explicit config group."""
-    if scheme == "W4A16" and group_size != 128:
+    """Preset name, or with a non-default group size the equivalent explicit config group."""
+    if group_size != 128:
         return None, {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}}}
+            "num_bits": SCHEMES[scheme], "type": "int", "symmetric": True, "strategy": "group",
+            "group_size": group_size}}}
     return scheme, None
 
 
@@ -47,16 +49,18 @@ def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", da
 
     if scheme not in SCHEMES:
         raise ValueError(f"GPTQ scheme={scheme!r}; allowed: {', '.join(SCHEMES)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive integer")
     if calib.manifest.get("stats_tokens") != "all":
         raise ValueError("GPTQ calibrates on every non-padding token; calib_stats_tokens='refusal' is not supported")
-    if scheme == "W4A16":
+    if True:  # every quantised Linear input dim must split into whole groups
         bad = [(n, m.in_features) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n and m.in_features % group_size]
         exp = [(n, m.down_proj.shape[-1]) for n, m in model.named_modules()
                if isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.shape[-1] % group_size]
         if bad or exp:
             name, dim = (bad + exp)[0]
-            raise ValueError(f"W4A16 group_size={group_size} does not divide the input dimension {dim} of {name}; "
+            raise ValueError(f"{scheme} group_size={group_size} does not divide the input dimension {dim} of {name}; "
                              "pass group_size dividing every Linear input dimension")
     linearize_moe(model)
     ds = datasets.Dataset.from_dict({"input_ids": calib.input_ids.tolist(),
@@ -76,7 +80,7 @@ def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", da
                     shuffle_calibration_samples=False, batch_size=batch_size)
         finally:
             model.config.name_or_path = name
-    info = {"library": "llmcompressor", "scheme": scheme, "group_size": group_size if scheme == "W4A16" else None, "dampening_frac": dampening_frac, "block_size": block_size,
+    info = {"library": "llmcompressor", "scheme": scheme, "group_size": group_size, "dampening_frac": dampening_frac, "block_size": block_size,
             "ignore": IGNORE, "moe_calibrate_all_experts": True, "experts": "linearized per-expert Linear"}
     return model, info
 

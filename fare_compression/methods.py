@@ -36,7 +36,7 @@ METHODS: dict[str, Method] = {
     "bnb_nf4": Method("bnb:run", ("quant_type", "double_quant", "experts"), False, ("bitsandbytes",), (("bits", 4),)),
     "gptq_w4a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size", "group_size"), True,
                          ("llmcompressor", "compressed_tensors"), (("scheme", "W4A16"),)),
-    "gptq_w8a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size"), True,
+    "gptq_w8a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size", "group_size"), True,
                          ("llmcompressor", "compressed_tensors"), (("scheme", "W8A16"),)),
 }
 
