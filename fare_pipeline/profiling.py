@@ -7,7 +7,7 @@ tokens are excluded from the demographic prompts' statistics, SPEC section 1).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,13 +27,15 @@ def record_routing(
     prompts: PromptSet | Sequence[Prompt],
     *,
     groups: Sequence[str] | None = None,
+    group_of: Callable[[Prompt], str] | None = None,
     batch_size: int = 16,
     token_mode: str = "all",
     progress: bool = False,
 ):
     """Forward every prompt once (no grad) under a Recorder; returns the Recorder.
 
-    ``groups`` fixes the group order (default: ``neutral`` then descriptors in prompt order).
+    ``groups`` fixes the group order (default: ``neutral`` then descriptors in prompt order);
+    ``group_of`` maps a prompt to its group name (default: ``prompt.group``; e.g. shards for SES).
     Batches are formed after sorting by token length (deterministic) with right padding.
     """
     from fare_models.surgery import Recorder
@@ -47,10 +49,12 @@ def record_routing(
         raise ValueError(f"batch_size={batch_size!r}; must be a positive integer")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} has no character offsets; a fast tokenizer is required")
+    group_of = group_of or (lambda p: p.group)
     if groups is None:
-        groups = list(dict.fromkeys([NEUTRAL] + [p.group for p in items if p.kind != NEUTRAL]))
+        groups = list(dict.fromkeys([group_of(p) for p in items if p.kind == NEUTRAL]
+                                    + [group_of(p) for p in items if p.kind != NEUTRAL]))
     gid = {g: i for i, g in enumerate(groups)}
-    missing = sorted({p.group for p in items} - gid.keys())
+    missing = sorted({group_of(p) for p in items} - gid.keys())
     if missing:
         raise ValueError(f"prompt group {missing[0]!r} not in groups {list(groups)}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -62,7 +66,7 @@ def record_routing(
         enc = tokenizer(p.text, return_offsets_mapping=True)
         inserted = set(span_token_positions(enc["offset_mapping"], p.span))
         keep = [token_mode == "all" or i not in inserted for i in range(len(enc["input_ids"]))]
-        encoded.append((len(enc["input_ids"]), p.id, list(enc["input_ids"]), keep, gid[p.group]))
+        encoded.append((len(enc["input_ids"]), p.id, list(enc["input_ids"]), keep, gid[group_of(p)]))
     encoded.sort(key=lambda r: (r[0], r[1]))
 
     device = next(model.parameters()).device
