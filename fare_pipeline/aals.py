@@ -188,3 +188,41 @@ def select_lambda(
         return OperatingPoint(None, False, reason, budget, float(beta), float(ppl_base), target, rows)
     reason = f"lambda*={lam[best]:g}: |pref - {target:g}| = {gap[best]:.6g} with PPL {ppl[best]:.6g} <= {budget:.6g}"
     return OperatingPoint(float(lam[best]), True, reason, budget, float(beta), float(ppl_base), target, rows)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_aals(result: AALSResult, out_dir, *, plot: bool = True) -> list:
+    """``aals.csv``/``aals.md`` (one row per layer), ``aals.json`` (everything), ``aals.png``."""
+    import json
+    from pathlib import Path
+
+    from .tables import write_table
+
+    out = Path(out_dir)
+    rows = [{"layer": l, "delta_bias": b, "delta_ppl": p, "R": r, "selected": l in result.selected}
+            for l, b, p, r in zip(result.layers, result.delta_bias, result.delta_ppl, result.ratio)]
+    paths = list(write_table(rows, out / "aals", title=f"AALS R(l), q={result.quantile:g}, "
+                             f"threshold {result.threshold:.4g}", digits=4))
+    (out / "aals.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    paths.append(out / "aals.json")
+    if plot:
+        from .plots import aals_ratio
+
+        paths.append(aals_ratio(result, out / "aals.png"))
+    return paths
+
+
+def write_operating_point(op: OperatingPoint, out_dir) -> list:
+    """``lambda_grid.csv``/``.md`` (whole grid) and ``lambda_star.json``."""
+    import json
+    from pathlib import Path
+
+    from .tables import write_table
+
+    out = Path(out_dir)
+    paths = list(write_table(op.grid, out / "lambda_grid", digits=4,
+                             title=f"lambda grid (beta={op.beta:g}, budget PPL <= {op.budget:.4g})"))
+    (out / "lambda_star.json").write_text(json.dumps(op.to_dict(), indent=2, sort_keys=True) + "\n")
+    return paths + [out / "lambda_star.json"]

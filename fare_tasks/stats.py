@@ -214,9 +214,13 @@ def bootstrap_ci(
         # z0: bias correction from the share of bootstrap values below the estimate (ties half).
         share = (np.count_nonzero(theta_b < theta) + np.count_nonzero(theta_b <= theta)) / (2.0 * n_resamples)
         z0 = ndtri(share)
-        keep = ~np.eye(n, dtype=bool)
-        jack_idx = np.broadcast_to(np.arange(n), (n, n))[keep].reshape(n, n - 1)
-        theta_j = np.asarray(stat(*[s[jack_idx] for s in data], axis=-1), dtype=np.float64)
+        theta_j = np.empty(n)
+        step = max(1, 2_000_000 // n)  # leave-one-out rows per chunk: bounded memory for large n
+        for start in range(0, n, step):
+            rows = np.arange(start, min(start + step, n))
+            cols = np.arange(n - 1)
+            jack_idx = cols[None, :] + (cols[None, :] >= rows[:, None])  # row i skips item i
+            theta_j[rows] = np.asarray(stat(*[s[jack_idx] for s in data], axis=-1), dtype=np.float64)
         u = (n - 1) * (theta_j.mean() - theta_j)
         num, den = np.sum(u**3) / n**3, np.sum(u**2) / n**2
         a_hat = num / den**1.5 / 6.0 if den > 0 else 0.0

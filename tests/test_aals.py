@@ -77,3 +77,20 @@ def test_select_lambda_bad_input():
         select_lambda([-1.0, 0.0], [0.6, 0.6], [10.0, 10.0], ppl_base=10.0)
     with pytest.raises(ValueError, match="ppls has 1 values; expected 2"):
         select_lambda([0.0, 1.0], [0.6, 0.6], [10.0], ppl_base=10.0)
+
+
+def test_outputs_written(tmp_path):
+    from fare_pipeline.aals import write_aals, write_operating_point
+
+    r = aals_select([0, 1, 2, 3], [0.02, 0.04, 0.01, 0.03], [0.5, -1.0, 0.1, 0.25])
+    paths = write_aals(r, tmp_path, plot=False)
+    csv_rows = (tmp_path / "aals.csv").read_text().splitlines()
+    assert csv_rows[0] == "layer,delta_bias,delta_ppl,R,selected" and csv_rows[4].endswith(",True")
+    assert "| 3 | 0.0300 | 0.2500 | 0.1200 | yes |" in (tmp_path / "aals.md").read_text()
+    assert len(paths) == 3
+    op = select_lambda([0.5, 1.0], [0.6, 0.5], [30.0, 40.0], ppl_base=10.0, beta=0.5)
+    write_operating_point(op, tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "lambda_star.json").read_text())["lambda_star"] is None
+    assert (tmp_path / "lambda_grid.csv").read_text().splitlines()[0] == "lambda,pref,ppl,gap,in_range,feasible,selected"
