@@ -208,3 +208,11 @@ def test_paired_comparison_and_family():
     fam = bh_family([r, {**r, "name": "tqa", "pvalue": 0.04}, {**r, "name": "ss", "pvalue": 0.5}])
     np.testing.assert_array_equal([x["pvalue_bh"] for x in fam],
                                   multipletests([r["pvalue"], 0.04, 0.5], method="fdr_bh")[1])
+
+
+def test_permutation_monte_carlo_p_never_zero():
+    # 30 positive differences: no random sign pattern (all-plus has prob 2**-30) reaches the
+    # observed mean, so p = 2 * (0 + 1) / (10,000 + 1) with the Monte-Carlo +1 correction.
+    r = paired_permutation_test(np.arange(1.0, 31.0))
+    assert not r.exact and r.pvalue == 2 / 10_001
+    assert paired_permutation_test(np.arange(1.0, 31.0), alternative="greater", n_resamples=999).pvalue == 1 / 1000
