@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -18,6 +19,14 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def _load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from fare_models.tiny import build_tokenizer, is_tiny_spec
+
+    return build_tokenizer() if is_tiny_spec(spec) else AutoTokenizer.from_pretrained(spec)
 
 
 def _fail(cmd: str, err: Exception) -> int:
@@ -45,6 +54,8 @@ def prompts(argv: list[str]) -> int:
     ap.add_argument("--contexts-per-descriptor", type=_contexts, default=DEFAULT_CONTEXTS_PER_DESCRIPTOR,
                     help="contexts each descriptor is inserted into (int or 'all'); default 80 -> 3,280 prompts")
     ap.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION)
+    ap.add_argument("--tokenizer", default=None, help="also write token_positions.jsonl for this tokenizer "
+                    "(hub id, local path or fare-tiny): token count and inserted-descriptor token positions")
     args = ap.parse_args(argv)
     try:
         ps = build_prompt_set(
@@ -56,7 +67,20 @@ def prompts(argv: list[str]) -> int:
     except ValueError as e:
         return _fail("prompts", e)
     ps.meta["versions"] = _versions()
+    if args.tokenizer:
+        try:
+            tok = _load_tokenizer(args.tokenizer)
+            ps.meta["tokenizer"] = args.tokenizer
+        except (ValueError, OSError) as e:
+            return _fail("prompts", e)
     path = ps.write(args.out)
+    if args.tokenizer:
+        from .prompts import token_positions
+
+        with open(args.out / "token_positions.jsonl", "w", encoding="utf-8") as fh:
+            for p in ps.prompts:
+                tp = token_positions(p, tok)
+                fh.write(json.dumps({"id": p.id, "n_tokens": len(tp["input_ids"]), "positions": tp["positions"]}) + "\n")
     m = ps.meta
     print(f"wrote {m['n_neutral']} neutral + {m['n_demographic']} demographic prompts "
           f"({m['n_by_split']['validation']} validation / {m['n_by_split']['test']} test) to {path}")

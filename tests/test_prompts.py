@@ -110,5 +110,14 @@ def test_cli_prompts(tmp_path, capsys):
     back = PromptSet.read(tmp_path / "p")
     assert len(back.neutral) == 576 and len(back.demographic) == 8 * 6
     assert (tmp_path / "p" / "prompts_manifest.json").exists()
+    assert main(["prompts", "--out", str(tmp_path / "t"), "--axes", "race", "--contexts-per-descriptor", "2",
+                 "--tokenizer", "fare-tiny"]) == 0
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "t" / "token_positions.jsonl").read_text().splitlines()]
+    by_id = {p.id: p for p in PromptSet.read(tmp_path / "t").prompts}
+    for r in rows:  # byte-level tokenizer: one token per character
+        p = by_id[r["id"]]
+        assert r["n_tokens"] == len(p.text) and r["positions"] == (list(range(*p.span)) if p.span else [])
     assert main(["prompts", "--out", str(tmp_path / "q"), "--axes", "caste"]) == 2
     assert "unknown axis 'caste'; allowed: gender" in capsys.readouterr().err
