@@ -36,11 +36,11 @@ def test_token_bookkeeping_and_padding(tiny):
     one = record_routing(model, tok, ps, batch_size=18)
     np.testing.assert_array_equal(one.counts.numpy(), c)
     np.testing.assert_allclose(one.prob_sums.numpy(), rec.prob_sums.numpy(), rtol=1e-5)
-    few = ps.prompts[:3] + ps.prompts[-3:]
+    few = ps.prompts[:1] + ps.prompts[-2:]  # lengths differ -> padding in the batch of 3
     np.testing.assert_array_equal(record_routing(model, tok, few, batch_size=1).counts.numpy(),
-                                  record_routing(model, tok, few, batch_size=6).counts.numpy())
+                                  record_routing(model, tok, few, batch_size=3).counts.numpy())
     # shared-token mode drops exactly the descriptor's characters
-    shared = record_routing(model, tok, ps, batch_size=7, token_mode="shared")
+    shared = record_routing(model, tok, ps, batch_size=18, token_mode="shared")
     assert (shared.tokens.numpy()[:, 2] == sum(len(p.text) - 4 for p in ps.demographic if p.group == "male")).all()
     assert (shared.tokens.numpy()[:, 0] == t[:, 0]).all()
 
