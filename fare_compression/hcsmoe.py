@@ -17,7 +17,8 @@ Paper definition (the default here):
 Options reproducing the released reference code (``hcsmoe`` @ bd77eba1): ``cluster="kmeans"``
 (its scripts pass the typo ``--cluster=hirarchical``, which falls through to K-means with
 k-means++ initialisation seeded by ``torch.manual_seed(0)``, up to 100 iterations) and
-``freq_topk=2`` (top-2 counts hard-coded in ``compute_all_usages``). ``linkage`` may also be
+``freq_topk=2`` (top-2 counts hard-coded in ``compute_all_usages``; taken here as the top-2 of the
+raw router logits, so ERNIE's selection bias is not applied in that option). ``linkage`` may also be
 "single" or "complete". Shared experts are never merged. Deviation: a cluster whose members were
 never selected (sum f = 0) gets the plain mean instead of the reference's all-zero weights.
 """

@@ -322,3 +322,38 @@ def test_bad_inputs(tok, monkeypatch):
     for method in ("bnb_nf4", "gptq_w4a16"):
         with pytest.raises(MissingBackendError, match="fare-moe\\[compress\\]"):
             apply_compression(m, method, {}, tok)
+
+
+def test_statistics_skip_padding_and_follow_refusal_mask(tok):
+    """Routing counts cover exactly the stat tokens: padding never counts, refusal mode counts replies only."""
+    from fare_compression.calibration import CalibrationSet
+    from fare_compression.expert_prune import frequency_scores
+
+    model = build_tiny_model("qwen3_moe")
+    c = build_calibration(tok, n=4, seq_len=32, p=0.5)
+    attn = c.attention_mask.clone()
+    attn[:, 20:] = 0  # pretend the tails are padding
+    ids = c.input_ids.masked_fill(attn == 0, tok.pad_token_id)
+    padded = CalibrationSet(ids, attn, attn.bool(), c.sources, c.manifest)
+    for cal in (padded, build_calibration(tok, n=4, seq_len=32, p=0.5, stats_tokens="refusal")):
+        counts = frequency_scores(model, cal)
+        for l in moe_layers(model):
+            assert counts[l.index].sum() == int(cal.stat_mask.sum()) * l.top_k
+    # the counts over the padded set equal those of the unpadded prefixes run on their own
+    short = CalibrationSet(c.input_ids[:, :20], c.attention_mask[:, :20], c.stat_mask[:, :20], c.sources, c.manifest)
+    a, b = frequency_scores(model, padded), frequency_scores(model, short)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_wanda_routed_token_statistics(tok):
+    """tokens="routed": expert 2's gate_up mask uses only the tokens the router sent to expert 2."""
+    calib = calib_set(tok)
+    ref = build_tiny_model("qwen3_moe")
+    xs, outs = router_capture(ref, calib)
+    sel = (outs[0][2] == 2).any(-1)
+    W = ref.model.layers[0].mlp.experts.gate_up_proj.detach()[2].double()
+    score = W.abs() * xs[0][sel].double().norm(dim=0)
+    expected = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.argsort(1)[:, : W.shape[1] // 2], True)
+    model = build_tiny_model("qwen3_moe")
+    apply_compression(model, "wanda", {"ratio": 0.5, "tokens": "routed", **CALIB}, tok)
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj.data[2] == 0, expected)
