@@ -12,17 +12,28 @@ import sys
 
 from .methods import METHODS
 
-_CALIB_FLAGS = ("p", "n", "seq_len", "seed", "general", "safety", "stats_tokens")
+_CALIB_FLAGS = {
+    "p": "safety proportion of the calibration set, in [0, 1] (default 0)",
+    "n": "number of packed calibration sequences (default 16)",
+    "seq_len": "tokens per sequence (default 128)",
+    "seed": "seed of the record order (default 0)",
+    "general": "general source: harmless (refusal_pairs/harmless_val.json) or a .txt/.jsonl file",
+    "safety": "safety source: refusal_pairs (HarmBench behaviours + refusals) or a .jsonl file",
+    "stats_tokens": "all, or refusal (safety sequences count only their reply tokens)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fare compress", description=__doc__.split("\n\n")[0])
+    epilog = "method parameters (--set):\n" + "\n".join(
+        f"  {name:<16} {', '.join(m.params)}" for name, m in METHODS.items())
+    ap = argparse.ArgumentParser(prog="fare compress", description=__doc__.split("\n\n")[0], epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local checkpoint directory or fare-tiny[:model_type]")
     ap.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
-    for k in _CALIB_FLAGS:
-        ap.add_argument(f"--calib-{k.replace('_', '-')}", dest=f"calib_{k}", default=None)
+    for k, help_ in _CALIB_FLAGS.items():
+        ap.add_argument(f"--calib-{k.replace('_', '-')}", dest=f"calib_{k}", default=None, help=help_)
     ap.add_argument("--dtype", default="float32", help="torch dtype to load the model in (default float32)")
     return ap
 

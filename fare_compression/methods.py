@@ -24,11 +24,11 @@ class Method:
     fixed: tuple = ()  # fixed keyword arguments
 
 
-_SPARSE = ("ratio", "structure", "tokens", "batch_size", "blocksize", "percdamp")
+_SPARSE = ("ratio", "structure", "tokens", "batch_size")
 METHODS: dict[str, Method] = {
     "magnitude": Method("sparsity:run", ("ratio", "structure"), False, (), (("method", "magnitude"),)),
     "wanda": Method("sparsity:run", _SPARSE, True, (), (("method", "wanda"),)),
-    "sparsegpt": Method("sparsity:run", _SPARSE, True, (), (("method", "sparsegpt"),)),
+    "sparsegpt": Method("sparsity:run", _SPARSE + ("blocksize", "percdamp"), True, (), (("method", "sparsegpt"),)),
     "prune_frequency": Method("expert_prune:run", ("ratio", "batch_size"), True, (), (("score", "frequency"),)),
     "prune_reap": Method("expert_prune:run", ("ratio", "batch_size"), True, (), (("score", "reap"),)),
     "hc_smoe": Method("hcsmoe:run", ("num_clusters", "ratio", "linkage", "cluster", "freq_topk", "batch_size"), True),
