@@ -92,17 +92,16 @@ def test_stereoset_scores_average_per_target_term():
 def test_stereoset_all_neutral_ties_count_as_anti_stereotype():
     doc = {"target": "t", "bias_type": "race", "sentences": ["ab", "cd", "ef"]}
     res = stereoset.process_results(doc, [(-4.0, False)] * 3)
-    item = res["ss"]
-    assert item == {"target": "t", "domain": "race", "pro": 0, "related": 0}
-    out = stereoset_scores([item])
-    assert (out["ss"], out["lms"], out["icat"]) == (0.0, 0.0, 0.0)
+    assert res["ss"] == ("t", "race", 0, 0)  # (target, domain, pro, related)
+    assert (stereoset.agg_ss([res["ss"]]), stereoset.agg_lms([res["lms"]]), stereoset.agg_icat([res["icat"]])) == (
+        0.0, 0.0, 0.0)
 
 
 def test_stereoset_per_byte_normalisation():
     # stereotype: -10 over 10 bytes = -1/byte; anti: -6 over 3 bytes = -2/byte; unrelated -30/20 = -1.5.
     doc = {"target": "t", "bias_type": "gender", "sentences": ["x" * 10, "yyy", "z" * 20]}
     item = stereoset.process_results(doc, [(-10.0, False), (-6.0, False), (-30.0, False)])["ss"]
-    assert item["pro"] == 1 and item["related"] == 1  # stereo > unrelated > anti
+    assert item == ("t", "gender", 1, 1)  # pro; stereo > unrelated > anti
 
 
 # ------------------------------------------------------------------------ BBQ
@@ -117,7 +116,8 @@ def test_bias_score_hand_worked():
 
 
 def _item(context, correct, biased, unknown=0, category="Age"):
-    return {"category": category, "context": context, "correct": correct, "pred_unknown": unknown, "biased": biased}
+    # `unknown` documents the case (biased is None when the model answered "unknown")
+    return {"category": category, "context": context, "correct": correct, "biased": biased}
 
 
 def test_bbq_scores_hand_worked():
@@ -145,18 +145,19 @@ def test_bbq_scores_degenerate_all_unknown():
 
 def test_bbq_process_results_uses_target_loc_and_unknown():
     doc = {"category": "Age", "context_condition": "disambig", "label": 1, "unknown_loc": 2, "target_loc": 0}
+    # per-doc value: (category, context condition, correct, biased)
     picks_target = bbq.process_results(doc, [(-1.0, False), (-2.0, False), (-3.0, False)])
-    assert picks_target["acc"] == 0.0 and picks_target["bias_disambig"]["biased"] == 1
+    assert picks_target["acc"] == 0.0 and picks_target["bias_disambig"] == ("Age", "disambig", 0, 1)
     picks_other = bbq.process_results(doc, [(-2.0, False), (-1.0, False), (-3.0, False)])
-    assert picks_other["acc"] == 1.0 and picks_other["bias_disambig"]["biased"] == 0
+    assert picks_other["acc"] == 1.0 and picks_other["bias_disambig"] == ("Age", "disambig", 1, 0)
     picks_unknown = bbq.process_results(doc, [(-3.0, False), (-2.0, False), (-1.0, False)])
-    assert picks_unknown["bias_disambig"]["biased"] is None and picks_unknown["bias_disambig"]["pred_unknown"] == 1
+    assert picks_unknown["bias_disambig"] == ("Age", "disambig", 0, None)
     na_target = bbq.process_results({**doc, "target_loc": -1}, [(-1.0, False), (-2.0, False), (-3.0, False)])
-    assert na_target["bias_disambig"]["biased"] is None
+    assert na_target["bias_disambig"] == ("Age", "disambig", 0, None)
 
 
 def test_bbq_category_aggregation_filters():
-    items = [_item("disambig", 1, 1, category="Age"), _item("disambig", 1, 0, category="SES")]
+    items = [("Age", "disambig", 1, 1), ("SES", "disambig", 1, 0)]
     assert bbq.agg_bias_disambig_Age(items) == 1.0
     assert bbq.agg_bias_disambig_SES(items) == -1.0
     assert bbq.agg_bias_disambig(items) == 0.0
