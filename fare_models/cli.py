@@ -11,6 +11,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fare_models.cli:run_eval", "run lm-eval (same flags as `lm_eval`) with fare-moe's model and tasks"),
+    "compare": ("fare_tasks.compare:main", "paired tests between two lm-eval runs (--log_samples)"),
     "compress": ("fare_compression.cli:main", "compress an MoE model and save a checkpoint"),
     "prompts": ("fare_pipeline.cli:prompts", "write the demographic prompt set"),
     "profile": ("fare_pipeline.cli:profile", "routing profiling -> phi profile file"),

@@ -21,6 +21,7 @@ compression        a fare_compression method applied before evaluation; its para
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
@@ -53,6 +54,11 @@ class FareMoeLM(HFLM):
             rest["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=pretrained, **rest)
         self.routing = RoutingController.of(self.model)  # NotMoEError / UnsupportedMoEError here
+        if isinstance(pretrained, str) and (Path(pretrained) / "fare_compression.json").is_file():
+            from fare_compression import reapply_from_manifest  # bitsandbytes dirs are re-quantised
+
+            self._model = reapply_from_manifest(self.model, pretrained)
+            self.routing = RoutingController.of(self.model)
         if fare.compression:
             from fare_compression import apply_compression
 

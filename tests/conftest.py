@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,10 @@ if "FARE_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["FARE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fare-cache-")
+
+
+# Tiny matmuls on a busy 2-core machine are far slower with several threads (oversubscription).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

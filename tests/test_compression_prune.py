@@ -10,9 +10,6 @@ from fare_compression.prune import prune_experts
 from fare_models.adapters import moe_layers
 from fare_models.tiny import TINY_CONFIGS, build_tiny_model
 
-# Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two contending.
-torch.set_num_threads(1)
-
 ARCHS = list(TINY_CONFIGS)
 
 

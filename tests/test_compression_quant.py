@@ -12,9 +12,6 @@ from fare_compression.checkpoint import check_reload, read_manifest, reapply_fro
 from fare_models.adapters import moe_layers
 from fare_models.tiny import build_tiny_model, build_tokenizer
 
-# Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two contending.
-torch.set_num_threads(1)
-
 ARCHS = ["olmoe", "qwen3_moe", "mixtral", "ernie4_5_moe"]
 CALIB = {"calib_n": 6, "calib_seq_len": 48, "calib_p": 0.5}
 HELD_OUT = (
