@@ -22,7 +22,7 @@ from lm_eval.models.huggingface import HFLM
 
 from fare_models.lm import FareMoeLM
 from fare_models.profile import save_profile
-from fare_models.tiny import is_tiny_spec, tiny_model_path
+from fare_models.tiny import resolve_pretrained
 from fare_tasks.data import read_csv
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    path = str(tiny_model_path(args.model)) if is_tiny_spec(args.model) else args.model
+    path, _ = resolve_pretrained(args.model)
     reqs = requests(args.requests)
     common = dict(batch_size=args.batch_size, device=args.device)
     tmp = tempfile.mkdtemp(prefix="fare-overhead-")

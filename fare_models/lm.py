@@ -30,7 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from .args import FareArgs, init_arg_names, split_model_args
 from .profile import check_profile, load_profile
 from .surgery import ARR, ExpertMask, Recorder, RoutingController
-from .tiny import is_tiny_spec, parse_tiny_spec, tiny_model_path
+from .tiny import is_tiny_spec, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,8 @@ class FareMoeLM(HFLM):
         fare, rest = split_model_args(dict(kwargs), init_arg_names(HFLM))
         self.fare_args: FareArgs = fare
         if is_tiny_spec(pretrained):
-            spec = f"fare-tiny:{parse_tiny_spec(pretrained)}"
-            path = str(tiny_model_path(spec))
-            rest.setdefault("tokenizer", path)
-            self.model_id, pretrained = spec, path
+            pretrained, self.model_id = resolve_pretrained(pretrained)
+            rest.setdefault("tokenizer", pretrained)
         else:
             self.model_id = pretrained if isinstance(pretrained, str) else getattr(
                 getattr(pretrained, "config", None), "name_or_path", None)

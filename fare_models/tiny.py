@@ -80,6 +80,18 @@ def parse_tiny_spec(spec: str) -> str:
     return model_type
 
 
+def resolve_pretrained(pretrained: str) -> tuple[str, str]:
+    """(what from_pretrained should load, the model id to record) for any ``pretrained`` string.
+
+    ``fare-tiny[:type]`` becomes its cached local directory and the id ``fare-tiny:<type>``;
+    hub ids and paths pass through unchanged.
+    """
+    if is_tiny_spec(pretrained):
+        model_id = f"{TINY_PREFIX}:{parse_tiny_spec(pretrained)}"
+        return str(tiny_model_path(model_id)), model_id
+    return pretrained, pretrained
+
+
 def cache_root() -> Path:
     root = os.environ.get("FARE_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "fare_moe"
