@@ -68,7 +68,7 @@ class FareMoeLM(HFLM):
         self._probing = False
         self._apply_intervention(fare)
         if fare.record_routing or fare.record_trace:
-            self.recorder = Recorder(self.model, trace_dir=fare.record_trace).attach()
+            self.recorder = Recorder(self.model, trace_dir=fare.record_trace, model_id=self.model_id).attach()
             self.edits.append(self.recorder)
 
     # ------------------------------------------------------------------ interventions

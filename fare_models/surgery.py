@@ -383,8 +383,9 @@ class Recorder(RoutingEdit):
     """
 
     def __init__(self, model, groups: Sequence[str] = ("all",), trace_dir: str | os.PathLike | None = None,
-                 shard_tokens: int = 200_000):
+                 shard_tokens: int = 200_000, model_id: str | None = None):
         super().__init__(model)
+        self.model_id = model_id or getattr(getattr(model, "config", None), "name_or_path", None)
         self.group_names = list(groups)
         L, G = len(self.controller.layers), len(self.group_names)
         E = max(layer.num_experts for layer in self.controller.layers)
@@ -525,10 +526,9 @@ class Recorder(RoutingEdit):
         return [layer.index for layer in self.controller.layers]
 
     def metadata(self) -> dict:
-        cfg = getattr(self.model, "config", None)
         return {
             "format": "fare-routing/1",
-            "model": getattr(cfg, "name_or_path", None),
+            "model": self.model_id,
             "model_type": self.controller.model_type,
             "layers": self.layer_indices,
             "num_experts": self.num_experts,

@@ -76,7 +76,7 @@ def test_record_routing_counts_real_tokens_only(tmp_path):
     from fare_models.surgery import load_routing
 
     tensors, _ = load_routing(out)
-    assert meta["layers"] == [0, 1, 2, 3] and meta["groups"] == ["all"]
+    assert meta["layers"] == [0, 1, 2, 3] and meta["groups"] == ["all"] and meta["model"] == "fare-tiny:olmoe"
     assert tensors["tokens"].tolist() == [[expected]] * 4
     assert tensors["counts"].sum(1).tolist() == [[expected * 2]] * 4  # top-2
 
