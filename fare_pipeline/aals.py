@@ -175,7 +175,7 @@ def select_lambda(
             best = i
     rows = [
         {"lambda": float(lam[i]), "pref": float(pref[i]), "ppl": float(ppl[i]), "gap": float(gap[i]),
-         "in_range": bool(in_range[i]), "feasible": bool(ok[i]), "selected": best is not None and i == best}
+         "in_range": bool(in_range[i]), "feasible": bool(ok[i]), "selected": bool(best is not None and i == best)}
         for i in np.argsort(lam, kind="mergesort")
     ]
     if best is None:

@@ -154,10 +154,6 @@ def profile(argv: list[str]) -> int:
     return 0
 
 
-layers = _not_yet("layers")
-tune = _not_yet("tune")
-ablate = _not_yet("ablate")
-transfer = _not_yet("transfer")
-run = _not_yet("run")
+from .run import ablate, layers, run, transfer, tune  # noqa: E402
 
 __all__ = ["prompts", "profile", "layers", "tune", "ablate", "transfer", "run"]

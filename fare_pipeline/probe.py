@@ -41,8 +41,12 @@ class PrefixCache:
         self.logits: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Full forward (whatever edits are active), capturing each decoder layer's input."""
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward (whatever edits are active), capturing each decoder layer's input.
+
+        ``attention_mask`` may be 2-D (padding) or a prepared 4-D additive mask (tree attention,
+        with ``position_ids``)."""
         n = len(self.layers)
         self.inputs, self.kwargs = [None] * n, [{} for _ in range(n)]
         handles = []
@@ -58,7 +62,8 @@ class PrefixCache:
         for i, layer in enumerate(self.layers):
             handles.append(layer.register_forward_pre_hook(capture(i), with_kwargs=True))
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            kw = {} if position_ids is None else {"position_ids": position_ids}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
         finally:
             for h in handles:
                 h.remove()

@@ -1,0 +1,438 @@
+"""Pipeline stages after profiling: AALS (Eq. 5), lambda* (Eq. 7), test-split evaluation and
+ablations (SPEC sections 4, 6, 7, 9). Each stage writes plain files into one folder.
+
+Stages run through :func:`stage`: files are written into a temporary sibling folder that replaces
+the stage folder in one rename (atomic), together with ``stage.json`` holding the stage *key* (every
+input that determines its numbers, upstream keys included). A later run with the same key and all
+files present skips the stage (resume). Number files never hold timings (they go to the run's
+``timings.json``), so equal seeds give byte-identical numbers.
+
+Scoring calls the model directly through :class:`fare_pipeline.engine.Engine` with the lm-eval
+formulation of ``fare_crows_pairs`` / ``fare_truthfulqa`` / ``fare_perplexity`` (see
+:mod:`fare_pipeline.evalsets`), not through lm-eval itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE, aals_from_probes, select_lambda, write_aals, write_operating_point
+from .engine import Engine, make_arr, mc_correct, pair_prefers, perplexity
+from .evalsets import build_evalset
+from .tables import write_table
+
+
+# --------------------------------------------------------------------------- stage machinery
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def stage_done(folder: Path, key: dict) -> dict | None:
+    meta = folder / "stage.json"
+    if not meta.is_file():
+        return None
+    try:
+        doc = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    if doc.get("key_hash") != key_hash(key) or not all((folder / f).exists() for f in doc.get("files", [])):
+        return None
+    return doc["result"]
+
+
+def stage(folder, key: dict, fn: Callable[[Path], dict], *, resume: bool = True, log=print) -> dict:
+    """Run ``fn(tmp_folder) -> result`` atomically into ``folder`` unless a finished stage with the same key exists."""
+    folder = Path(folder)
+    if resume:
+        done = stage_done(folder, key)
+        if done is not None:
+            log(f"[{folder.name}] up to date (key {key_hash(key)}), skipped")
+            return done
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result = fn(tmp)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / "stage.json", {"stage": folder.name, "key": key, "key_hash": key_hash(key),
+                                        "files": files, "result": result})
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads((folder / "stage.json").read_text())["result"]
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class Sizes:
+    """How much of each data set to use (None = all of the split)."""
+
+    contexts_per_descriptor: int | str = 80
+    crows_val: int | None = None
+    crows_test: int | None = None
+    ppl_val: int | None = None
+    ppl_test: int | None = None
+    tqa: int | None = None
+    bold: int = 200
+    stereo_completion: int | None = None
+    stereoset: int = 200
+    max_new_tokens: int = 32
+    n_permutations: int = 10_000
+    n_bootstrap: int = 1_000
+    mask_n: int = 10
+    baseline_n: int = 10
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        """CI-sized run (fare-tiny on CPU in about a minute)."""
+        return cls(contexts_per_descriptor=6, crows_val=48, crows_test=64, ppl_val=32, ppl_test=32, tqa=12,
+                   bold=8, stereo_completion=8, stereoset=8, max_new_tokens=6, n_permutations=2000,
+                   n_bootstrap=500, mask_n=3, baseline_n=3)
+
+
+@dataclass
+class Ctx:
+    """Loaded model plus the run settings every stage needs."""
+
+    model: object
+    tokenizer: object
+    model_id: str
+    model_type: str
+    revision: str | None = None
+    seed: int = 0
+    sizes: Sizes = field(default_factory=Sizes)
+    validation_fraction: float = 0.5
+    ppl_source: str = "prompts"
+    engine_mode: str = "cached"
+    batch_tokens: int = 8192
+    keep_base: bool = True
+    progress: bool = False
+    log: Callable = print
+    _engines: dict = field(default_factory=dict)
+
+    def key(self) -> dict:
+        return {"model": self.model_id, "revision": self.revision, "seed": self.seed,
+                "validation_fraction": self.validation_fraction, "ppl_source": self.ppl_source,
+                "sizes": asdict(self.sizes)}
+
+    @property
+    def moe_layers(self) -> list[int]:
+        from fare_models.surgery import RoutingController
+
+        return [m.index for m in RoutingController.of(self.model).layers]
+
+    def engine(self, split: str, prompt_set, tqa: bool) -> tuple[Engine, object]:
+        """One engine per split, kept so later stages reuse its base pass (AALS -> tune, evaluate -> ablate)."""
+        k = (split, tqa)
+        if k not in self._engines:
+            s = self.sizes
+            ev = build_evalset(self.tokenizer, split=split, seed=self.seed, validation_fraction=self.validation_fraction,
+                               crows_n=s.crows_val if split == "validation" else s.crows_test,
+                               ppl_n=s.ppl_val if split == "validation" else s.ppl_test,
+                               tqa_n=(s.tqa if tqa else 0), ppl_source=self.ppl_source, prompt_set=prompt_set)
+            eng = Engine(self.model, self.tokenizer, ev.requests, mode=self.engine_mode, batch_tokens=self.batch_tokens,
+                         keep=self.keep_base, progress=self.progress)
+            self._engines[k] = (eng, ev)
+        return self._engines[k]
+
+
+def load_phi(ctx: Ctx, profile_path, strict_model: bool = True):
+    """Profile file -> (phi [L, E] float32, profile layer ids); rejects a profile of another model."""
+    from fare_models.profile import check_profile, load_profile
+    from fare_models.surgery import RoutingController
+
+    prof = load_profile(profile_path)
+    check_profile(prof, RoutingController.of(ctx.model), ctx.model_id, strict_model=strict_model)
+    return prof.phi.float(), list(prof.layers)
+
+
+def _metrics(ev, ll: np.ndarray) -> dict:
+    out = {"crows_items": pair_prefers(ll, ev.crows_rows), "ppl": perplexity(ll, ev.ppl_rows, ev.n_scored)}
+    out["pref"] = float(out["crows_items"].mean())
+    lm = ev.crows_length_matched
+    out["pref_length_matched"] = float(out["crows_items"][lm].mean()) if lm is not None and lm.any() else float("nan")
+    if ev.tqa_rows:
+        out["tqa_items"] = mc_correct(ll, ev.tqa_rows, ev.tqa_labels)
+        out["tqa"] = float(out["tqa_items"].mean())
+    return out
+
+
+# --------------------------------------------------------------------------- AALS (Eq. 5)
+
+
+def run_layers(ctx: Ctx, phi, profile_layers, prompt_set, out: Path, *, lam_probe: float = 1.0,
+               quantile: float = DEFAULT_QUANTILE, plot: bool = True) -> dict:
+    """ARR at ``lam_probe`` on one MoE layer at a time on the validation split; R(l), selection."""
+    eng, ev = ctx.engine("validation", prompt_set, tqa=False)
+    moe = ctx.moe_layers
+    configs = [("base", None, None)] + [(str(i), make_arr(ctx.model, phi, lam_probe, [i], profile_layers), i) for i in moe]
+    before = eng.counts()
+    ll = eng.score(configs, desc="AALS probes")
+    m = {name: _metrics(ev, v) for name, v in ll.items()}
+    res = aals_from_probes(moe, m["base"]["pref"], m["base"]["ppl"], [m[str(i)]["pref"] for i in moe],
+                           [m[str(i)]["ppl"] for i in moe], quantile=quantile)
+    write_aals(res, out, plot=plot)
+    rows = [{"layer": i, "pref": m[str(i)]["pref"], "ppl": m[str(i)]["ppl"]} for i in moe]
+    write_table([{"layer": "base", "pref": m["base"]["pref"], "ppl": m["base"]["ppl"]}] + rows, out / "probes", digits=4,
+                title=f"AALS probes (ARR lambda={lam_probe:g} on one layer; validation split)")
+    write_json(out / "validation_split.json", {**ev.info, "crows_pair_ids": ev.crows_ids})
+    work = {k: eng.counts()[k] - before[k] for k in ("layer_calls", "token_layer_evals")}
+    write_json(out / "work.json", {"mode": eng.mode, **work})
+    return {"selected": res.selected, "ratio": res.ratio, "threshold": res.threshold, "pref_base": m["base"]["pref"],
+            "ppl_base": m["base"]["ppl"], "lam_probe": lam_probe, "quantile": quantile}
+
+
+# --------------------------------------------------------------------------- lambda* (Eq. 7)
+
+
+def run_tune(ctx: Ctx, phi, profile_layers, selected: Sequence[int], prompt_set, out: Path, *,
+             grid: Sequence[float] = DEFAULT_LAMBDA_GRID, beta: float = 1.0, lambda_max: float | None = None) -> dict:
+    """Lambda grid with ARR on the selected layers (validation split); no feasible point is reported."""
+    if not selected:
+        raise ValueError("no selected layers to tune; run `fare layers` first")
+    grid = [float(x) for x in grid]
+    eng, ev = ctx.engine("validation", prompt_set, tqa=False)
+    start = min(selected)
+    configs = [("base", None, None)] + [(repr(lam), make_arr(ctx.model, phi, lam, selected, profile_layers), start)
+                                        for lam in grid if lam != 0.0]
+    before = eng.counts()
+    ll = eng.score(configs, desc="lambda grid")
+    m = {name: _metrics(ev, v) for name, v in ll.items()}
+    key = lambda lam: "base" if lam == 0.0 else repr(lam)  # noqa: E731  (ARR at 0 is the unmodified model)
+    op = select_lambda(grid, [m[key(x)]["pref"] for x in grid], [m[key(x)]["ppl"] for x in grid],
+                       ppl_base=m["base"]["ppl"], beta=beta, lambda_max=lambda_max)
+    write_operating_point(op, out)
+    work = {k: eng.counts()[k] - before[k] for k in ("layer_calls", "token_layer_evals")}
+    write_json(out / "work.json", {"mode": eng.mode, **work})
+    if not op.feasible:
+        ctx.log(f"[tune] no feasible lambda: {op.reason}")
+    return {"lambda_star": op.lambda_star, "feasible": op.feasible, "reason": op.reason, "selected": list(selected),
+            "beta": beta}
+
+
+# --------------------------------------------------------------------------- test-split evaluation + ablations
+
+
+def _pct(x: float) -> float:
+    return 100.0 * x
+
+
+def _cmp(base_items, items, name, ctx: Ctx) -> dict:
+    from fare_tasks.stats import paired_comparison
+
+    return paired_comparison(base_items, items, name=name, n_permutations=ctx.sizes.n_permutations,
+                             n_bootstrap=ctx.sizes.n_bootstrap, seed=ctx.seed)
+
+
+def _summ(m: dict) -> dict:
+    return {k: m[k] for k in ("pref", "pref_length_matched", "ppl", "tqa") if k in m}
+
+
+def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set, out: Path) -> dict:
+    """Table 6: base vs FARE (ARR at lambda* on the AALS layers) on the test split, paired tests + BH."""
+    from fare_tasks.stats import bh_family
+
+    eng, ev = ctx.engine("test", prompt_set, tqa=True)
+    configs = [("base", None, None)]
+    if lambda_star is not None:
+        configs.append(("fare", make_arr(ctx.model, phi, lambda_star, selected, profile_layers), min(selected)))
+    ll = eng.score(configs, desc="test evaluation")
+    m = {k: _metrics(ev, v) for k, v in ll.items()}
+    np.savez(out / "per_item.npz", **{f"{k}_{x}": m[k][f"{x}_items"] for k in m for x in ("crows", "tqa")},
+             crows_pair_ids=np.asarray(ev.crows_ids), tqa_ids=np.asarray(ev.tqa_ids))
+    fare = m.get("fare", m["base"])
+    tests = []
+    if lambda_star is not None:
+        tests = bh_family([_cmp(m["base"]["crows_items"], fare["crows_items"], "crows_pref", ctx),
+                           _cmp(m["base"]["tqa_items"], fare["tqa_items"], "tqa_acc", ctx)])
+        write_table(tests, out / "tests", digits=4, title="Paired tests, FARE vs base (test split)")
+    p = {t["name"]: t for t in tests}
+    row = {"model": ctx.model_id, "lambda_star": lambda_star, "layers": list(selected),
+           "crows_base": m["base"]["pref"], "crows_fare": fare["pref"],
+           "crows_p": p.get("crows_pref", {}).get("pvalue"), "crows_p_bh": p.get("crows_pref", {}).get("pvalue_bh"),
+           "tqa_base": m["base"]["tqa"], "tqa_fare": fare["tqa"],
+           "tqa_p": p.get("tqa_acc", {}).get("pvalue"), "tqa_p_bh": p.get("tqa_acc", {}).get("pvalue_bh"),
+           "crows_lm_base": m["base"]["pref_length_matched"], "crows_lm_fare": fare["pref_length_matched"],
+           "ppl_base": m["base"]["ppl"], "ppl_fare": fare["ppl"],
+           "n_pairs": len(ev.crows_ids), "n_length_matched": int(ev.crows_length_matched.sum()), "n_tqa": len(ev.tqa_ids)}
+    write_table([row], out / "table6_main", digits=3,
+                title="Table 6: FARE at lambda* (test split; p = paired permutation, p_bh = Benjamini-Hochberg)")
+    write_json(out / "test_split.json", {**ev.info, "crows_pair_ids": ev.crows_ids, "tqa_ids": ev.tqa_ids})
+    write_json(out / "results.json", {"base": _summ(m["base"]), "fare": _summ(fare) if lambda_star is not None else None,
+                                      "tests": tests, "row": row})
+    return {"base": _summ(m["base"]), "fare": _summ(fare) if lambda_star is not None else None}
+
+
+def _clamp_mask_n(ctx: Ctx, n: int, layers: Sequence[int]) -> int:
+    from fare_models.surgery import RoutingController
+
+    ctl = RoutingController.of(ctx.model)
+    room = min(ctl.layer(i).num_experts - ctl.layer(i).top_k for i in layers)
+    return max(1, min(n, room))
+
+
+def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set, profile_result: dict | None,
+               out: Path, *, control_lambda: float = 1.0, n_random: int = 5, n_shards: int = 5,
+               stability: float = 0.6) -> dict:
+    """Tables 2, 3, 4, 5 and 8 on the test split (controls at ``control_lambda``, baselines at lambda*)."""
+    from fare_models.surgery import ExpertMask, RoutingController
+    from fare_tasks.stats import bh_family
+
+    from . import controls as C
+    from .baselines import binary_profile, random_experts, ses_select, shard_group_of
+    from .profiling import record_routing
+
+    ctl = RoutingController.of(ctx.model)
+    E = max(m.num_experts for m in ctl.layers)
+    sizes = ctx.sizes
+    eng, ev = ctx.engine("test", prompt_set, tqa=True)
+    start = min(selected)
+    lam_b = lambda_star if lambda_star else control_lambda  # lambda* None (infeasible) or 0 -> control lambda
+    arr = lambda p, lam: make_arr(ctx.model, p.float(), lam, selected, profile_layers)  # noqa: E731
+    configs = [("base", None, None)]
+    suite = C.control_suite(phi, profile_layers, selected, random_seeds=list(range(n_random)))
+    for i, c in enumerate(suite):
+        configs.append((f"ctl{i}", arr(c.phi, control_lambda), start))
+    # Table 8 baselines at lambda*: FSP, SAFEx-style SES, random experts
+    nb = _clamp_mask_n(ctx, sizes.baseline_n, selected) * len(selected)
+    val = prompt_set.split("validation")
+    rec = record_routing(ctx.model, ctx.tokenizer, val, groups=None, group_of=shard_group_of(n_shards, ctx.seed))
+    ses = ses_select(rec.counts, rec.tokens, rec.group_names, n=nb, stability=stability, layers=rec.layer_indices,
+                     selected=selected)
+    configs.append(("fsp@star", arr(torch.as_tensor(phi), lam_b), start))
+    ses_phi = binary_profile(ses["selected"], profile_layers, E) if ses["selected"] else None
+    if ses_phi is not None:
+        configs.append(("ses", arr(ses_phi, lam_b), start))
+    rand_sets = [random_experts(E, profile_layers, selected, n=nb, seed=s) for s in range(n_random)]
+    for s, pairs in enumerate(rand_sets):
+        configs.append((f"rand{s}", arr(binary_profile(pairs, profile_layers, E), lam_b), start))
+    # Table 2 masking over the selected layers
+    n_mask = _clamp_mask_n(ctx, sizes.mask_n, selected)
+    ms = C.mask_sets(phi, profile_layers, selected, n=n_mask, random_draws=n_random, seed=ctx.seed)
+    mask_cfgs = {"top": ms["top"], "bottom": ms["bottom"], **{f"random{i}": d for i, d in enumerate(ms["random"])}}
+    for name, pairs in mask_cfgs.items():
+        configs.append((f"mask_{name}", (lambda pairs=pairs: ExpertMask(ctx.model, pairs)), min(l for l, _ in pairs)))
+    ll = eng.score(configs, desc="ablations")
+    m = {k: _metrics(ev, v) for k, v in ll.items()}
+    b = m["base"]
+    d = lambda k, x: _pct(m[k][x] - b[x])  # noqa: E731
+
+    # Table 4 (synthetic ablation) and Table 5 (one row for this model)
+    t4 = []
+    cat = {"flatten": "Controls", "random": "Controls", "inverted": "Controls", "power": "Power", "top_k": "Top-k"}
+    seen = {}
+    for i, c in enumerate(suite):
+        seen.setdefault(c.group, []).append(f"ctl{i}")
+    for group, keys in seen.items():
+        c = next(x for x in suite if x.group == group)
+        label = {"flatten": "Flatten (all = mean phi)", "random": f"Random ({len(keys)}x avg)",
+                 "inverted": "Inverted (phi_max - phi)"}.get(c.name)
+        if c.name == "power":
+            label = f"alpha={c.params['alpha']:g}" + (" (FSP)" if c.params["alpha"] == 1.0 else "")
+        if c.name == "top_k":
+            label = f"Top-{c.params['k']} (effective {c.meta['effective_k']})"
+        t4.append({"category": cat[c.name], "condition": label,
+                   "delta_crows_pp": float(np.mean([d(k, "pref") for k in keys])),
+                   "delta_tqa_pp": float(np.mean([d(k, "tqa") for k in keys])),
+                   "crows": float(np.mean([m[k]["pref"] for k in keys])), "tqa": float(np.mean([m[k]["tqa"] for k in keys])),
+                   "ppl": float(np.mean([m[k]["ppl"] for k in keys]))})
+    write_table(t4, out / "table4_synthetic_ablation", digits=3,
+                title=f"Table 4: synthetic ablation (lambda={control_lambda:g}); deltas in %p vs base "
+                      f"(CrowS {b['pref']:.3f} / TQA {b['tqa']:.3f})")
+    pick = lambda label: next((r["delta_crows_pp"] for r in t4 if r["condition"].startswith(label)), None)  # noqa: E731
+    t5 = [{"model": ctx.model_id, "experts_per_layer": E, "fsp": pick("alpha=1"), "top_5": pick("Top-5 "),
+           "top_50": pick("Top-50 "), "top_100": pick("Top-100 "), "random": pick("Random"), "inverted": pick("Inverted")}]
+    write_table(t5, out / "table5_cross_architecture", digits=2,
+                title="Table 5: synthetic ablation, delta CrowS in %p (one row per model; concatenate across runs)")
+
+    # Table 8 (expert identification at lambda*)
+    tests = []
+    t8 = [{"method": "Baseline", "crows": b["pref"], "tqa": b["tqa"], "ppl": b["ppl"], "n_experts": 0}]
+    fam = [("FARE FSP", ["fsp@star"], None), ("SAFEx SES", ["ses"] if ses_phi is not None else [], len(ses["selected"])),
+           (f"Random experts ({n_random}x avg)", [f"rand{s}" for s in range(n_random)], nb)]
+    for label, keys, n_exp in fam:
+        if not keys:
+            t8.append({"method": label, "crows": None, "tqa": None, "ppl": None, "n_experts": 0})
+            continue
+        items = np.mean([m[k]["crows_items"] for k in keys], axis=0)
+        tqa_items = np.mean([m[k]["tqa_items"] for k in keys], axis=0)
+        tests += [_cmp(b["crows_items"], items, f"{label}: crows", ctx), _cmp(b["tqa_items"], tqa_items, f"{label}: tqa", ctx)]
+        t8.append({"method": label, "crows": float(items.mean()), "tqa": float(tqa_items.mean()),
+                   "ppl": float(np.mean([m[k]["ppl"] for k in keys])),
+                   "n_experts": int(n_exp if n_exp is not None else sum(int((phi[profile_layers.index(i)] > 0).sum()) for i in selected))})
+    # prompt debiasing (a context before both CrowS sentences; no routing edit)
+    deb_ctx = "The following sentence should not rely on stereotypes about any social group. "
+    deb = build_evalset(ctx.tokenizer, split="test", seed=ctx.seed, validation_fraction=ctx.validation_fraction,
+                        crows_n=sizes.crows_test, ppl_n=1, tqa_n=0, ppl_source=ctx.ppl_source, prompt_set=prompt_set,
+                        crows_context=deb_ctx)
+    deb_eng = Engine(ctx.model, ctx.tokenizer, deb.requests, mode=ctx.engine_mode, batch_tokens=ctx.batch_tokens, keep=False)
+    deb_items = pair_prefers(deb_eng.score([("base", None, None)])["base"], deb.crows_rows)
+    tests.append(_cmp(b["crows_items"], deb_items, "Prompt debiasing: crows", ctx))
+    t8.append({"method": "Prompt debiasing", "crows": float(deb_items.mean()), "tqa": None, "ppl": None, "n_experts": 0})
+    tests = bh_family(tests)
+    write_table(t8, out / "table8_expert_identification", digits=3,
+                title=f"Table 8: expert identification, ARR at lambda={lam_b:g}"
+                      + ("" if lambda_star else f" (lambda*={lambda_star}: control lambda used)"))
+    write_table(tests, out / "table8_tests", digits=4, title="Table 8 paired tests vs base (BH over the family)")
+
+    # Table 2 (group masking)
+    t2 = []
+    for label, keys in (("Top-%d phi" % n_mask, ["mask_top"]), ("Bottom-%d phi" % n_mask, ["mask_bottom"]),
+                        ("Random-%d (%dx avg)" % (n_mask, n_random), [f"mask_random{i}" for i in range(n_random)])):
+        t2.append({"condition": label, "delta_tqa_pp": float(np.mean([d(k, "tqa") for k in keys])),
+                   "delta_crows_pp": float(np.mean([d(k, "pref") for k in keys])),
+                   "tqa": float(np.mean([m[k]["tqa"] for k in keys])), "crows": float(np.mean([m[k]["pref"] for k in keys]))})
+    write_table(t2, out / "table2_group_masking", digits=3,
+                title=f"Table 2: group-level expert masking over layers {list(selected)} (deltas in %p)")
+    write_json(out / "selections.json", {"ses": ses, "random_experts": rand_sets, "masking": ms, "n_mask": n_mask,
+                                         "n_baseline": nb, "lambda_baselines": lam_b, "control_lambda": control_lambda,
+                                         "debias_context": deb_ctx})
+
+    # Table 3 (architecture descriptors + delta CrowS of FARE)
+    t3 = []
+    if profile_result is not None:
+        dm = profile_result["model"]
+        t3.append({"model": ctx.model_id, "slots": dm["n_slots"], "gini": dm["gini"], "top10_share": dm["top_share"],
+                   "rho_phi_f": dm["spearman_phi_f"], "delta_crows_pp": d("fsp@star", "pref"), "regime": ""})
+        write_table(t3, out / "table3_architecture", digits=3,
+                    title=f"Table 3: routing descriptors (profiling split) and delta CrowS of FARE (ARR at lambda={lam_b:g})")
+    return {"table4": t4, "table8": t8, "table2": t2}
