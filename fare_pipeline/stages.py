@@ -199,17 +199,27 @@ def _metrics(ev, ll: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- AALS (Eq. 5)
 
 
+def aals_probes(model, engine: Engine, ev, phi, profile_layers=None, *, lam_probe: float = 1.0,
+                quantile: float = DEFAULT_QUANTILE):
+    """Eq. 5 on an evaluation set: ARR at ``lam_probe`` on each MoE layer alone -> (AALSResult, metrics)."""
+    from fare_models.surgery import RoutingController
+
+    moe = [m.index for m in RoutingController.of(model).layers]
+    configs = [("base", None, None)] + [(str(i), make_arr(model, phi, lam_probe, [i], profile_layers), i) for i in moe]
+    ll = engine.score(configs, desc="AALS probes")
+    m = {name: _metrics(ev, v) for name, v in ll.items()}
+    res = aals_from_probes(moe, m["base"]["pref"], m["base"]["ppl"], [m[str(i)]["pref"] for i in moe],
+                           [m[str(i)]["ppl"] for i in moe], quantile=quantile)
+    return res, m
+
+
 def run_layers(ctx: Ctx, phi, profile_layers, prompt_set, out: Path, *, lam_probe: float = 1.0,
                quantile: float = DEFAULT_QUANTILE, plot: bool = True) -> dict:
     """ARR at ``lam_probe`` on one MoE layer at a time on the validation split; R(l), selection."""
     eng, ev = ctx.engine("validation", prompt_set, tqa=False)
     moe = ctx.moe_layers
-    configs = [("base", None, None)] + [(str(i), make_arr(ctx.model, phi, lam_probe, [i], profile_layers), i) for i in moe]
     before = eng.counts()
-    ll = eng.score(configs, desc="AALS probes")
-    m = {name: _metrics(ev, v) for name, v in ll.items()}
-    res = aals_from_probes(moe, m["base"]["pref"], m["base"]["ppl"], [m[str(i)]["pref"] for i in moe],
-                           [m[str(i)]["ppl"] for i in moe], quantile=quantile)
+    res, m = aals_probes(ctx.model, eng, ev, phi, profile_layers, lam_probe=lam_probe, quantile=quantile)
     write_aals(res, out, plot=plot)
     rows = [{"layer": i, "pref": m[str(i)]["pref"], "ppl": m[str(i)]["ppl"]} for i in moe]
     write_table([{"layer": "base", "pref": m["base"]["pref"], "ppl": m["base"]["ppl"]}] + rows, out / "probes", digits=4,
