@@ -61,23 +61,27 @@ def record_routing(
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token to pad batches with")
 
-    encoded = []
-    for p in items:
+    def encode(j):
+        p = items[j]
         enc = tokenizer(p.text, return_offsets_mapping=True)
         inserted = set(span_token_positions(enc["offset_mapping"], p.span))
         keep = [token_mode == "all" or i not in inserted for i in range(len(enc["input_ids"]))]
-        encoded.append((len(enc["input_ids"]), p.id, list(enc["input_ids"]), keep, gid[group_of(p)]))
-    encoded.sort(key=lambda r: (r[0], r[1]))
+        return len(enc["input_ids"]), p.id, list(enc["input_ids"]), keep, gid[group_of(p)]
+
+    # only (length, id, index) is kept for all prompts; token ids are encoded again per batch, so
+    # memory beyond the prompt list itself does not grow with the number of prompts
+    order = sorted((len(tokenizer(p.text)["input_ids"]), p.id, j) for j, p in enumerate(items))
 
     device = next(model.parameters()).device
     rec = Recorder(model, groups=list(groups))
-    batches = list(_batches(encoded, batch_size))
+    batches = _batches(order, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="routing", unit="batch")
+        batches = tqdm(batches, desc="routing", unit="batch", total=-(-len(order) // batch_size))
     with rec, torch.inference_mode():
-        for batch in batches:
+        for idx in batches:
+            batch = [encode(j) for _, _, j in idx]
             T = max(r[0] for r in batch)
             ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
             attn = torch.zeros((len(batch), T), dtype=torch.long)
