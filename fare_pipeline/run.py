@@ -84,6 +84,7 @@ def _common(ap: argparse.ArgumentParser, out_required: bool = True) -> None:
                     help="cached = prefix trees + kept base pass (exact); naive = full forward per configuration")
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--no-keep-base", action="store_true", help="re-run the base pass per stage (less memory)")
+    ap.add_argument("--random-seeds", type=int, default=5, help="seeds averaged for random controls/baselines/masks")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--no-resume", action="store_true", help="recompute stages even when their outputs match")
 
@@ -224,7 +225,6 @@ def ablate(argv: list[str]) -> int:
     ap.add_argument("--tune", type=Path, default=None)
     ap.add_argument("--lam", type=float, default=None, help="lambda* instead of --tune")
     ap.add_argument("--control-lambda", type=float, default=1.0, help="lambda of the Table 4 controls (paper: 1.0)")
-    ap.add_argument("--random-seeds", type=int, default=5)
     args = ap.parse_args(argv)
     from .stages import run_ablate
 
@@ -289,7 +289,6 @@ def run(argv: list[str]) -> int:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--lambda-max", type=float, default=None)
     ap.add_argument("--control-lambda", type=float, default=1.0)
-    ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--skip-transfer", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -399,9 +398,13 @@ def write_report(out: Path, stages: list[str], manifest: dict) -> Path:
                 **{k: float(v) for k, v in r.items() if k.startswith("jsd_")}} for r in rows]
         write_table(t51, d / "table5_1_routing_sensitivity", digits=4,
                     title="Section 5.1: per-layer routing sensitivity (JSD nats, entropy difference, descriptors)")
+        for stem, title in (("fsp_layers", "FSP per-layer JSD, entropy difference and descriptors (Table 3 inputs)"),
+                            ("fsp_experts", "FSP per-expert metrics and phi (Eq. 1-4)")):
+            with open(out / "profile" / f"{stem}.csv") as fh:
+                write_table(list(csv.DictReader(fh)), d / stem, title=title)
         for s in stages:
             for f in sorted((out / s).glob("*")):
-                if f.suffix in (".csv", ".md", ".png") and f.stem != "stage":
+                if f.suffix in (".csv", ".md", ".png") and not f.stem.startswith(("per_item", "fsp_")):
                     shutil.copyfile(f, d / f.name)
         lines = [f"# FARE report: {manifest['model']}", "",
                  f"AALS layers {manifest['selected_layers']}, lambda* = {manifest['lambda_star']} ({manifest['tune_reason']}).", ""]

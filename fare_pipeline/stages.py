@@ -287,8 +287,10 @@ def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_se
         configs.append(("fare", make_arr(ctx.model, phi, lambda_star, selected, profile_layers), min(selected)))
     ll = eng.score(configs, desc="test evaluation")
     m = {k: _metrics(ev, v) for k, v in ll.items()}
-    np.savez(out / "per_item.npz", **{f"{k}_{x}": m[k][f"{x}_items"] for k in m for x in ("crows", "tqa")},
-             crows_pair_ids=np.asarray(ev.crows_ids), tqa_ids=np.asarray(ev.tqa_ids))
+    write_table([{"pair_id": pid, "length_matched": bool(lm), **{k: float(m[k]["crows_items"][i]) for k in m}}
+                 for i, (pid, lm) in enumerate(zip(ev.crows_ids, ev.crows_length_matched))], out / "per_item_crows")
+    write_table([{"question": q, **{k: float(m[k]["tqa_items"][i]) for k in m}} for i, q in enumerate(ev.tqa_ids)],
+                out / "per_item_tqa")
     fare = m.get("fare", m["base"])
     tests = []
     if lambda_star is not None:
