@@ -1,0 +1,104 @@
+"""Stage machinery (atomic, resumable), evaluation splits and generation-transfer scoring."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fare_pipeline.stages import key_hash, stage, stage_done
+
+
+def test_stage_is_atomic_and_resumes(tmp_path):
+    calls = []
+
+    def good(d):
+        calls.append(1)
+        (d / "x.csv").write_text("a\n1\n")
+        return {"n": 1}
+
+    assert stage(tmp_path / "s", {"k": 1}, good, log=lambda m: None) == {"n": 1}
+    assert stage(tmp_path / "s", {"k": 1}, good, log=lambda m: None) == {"n": 1} and len(calls) == 1  # resumed
+    meta = json.loads((tmp_path / "s" / "stage.json").read_text())
+    assert meta["key_hash"] == key_hash({"k": 1}) and meta["files"] == ["x.csv"]
+
+    def bad(d):
+        (d / "x.csv").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        stage(tmp_path / "s", {"k": 2}, bad)
+    assert (tmp_path / "s" / "x.csv").read_text() == "a\n1\n"  # the finished stage is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary folder left behind
+    assert stage_done(tmp_path / "s", {"k": 2}) is None  # another key is not done
+    (tmp_path / "s" / "x.csv").unlink()
+    assert stage_done(tmp_path / "s", {"k": 1}) is None  # a missing output file is not done
+
+
+def test_crows_split_is_seeded_disjoint_and_complete():
+    from fare_pipeline.evalsets import crows_split
+
+    a, b, c = crows_split(0), crows_split(0), crows_split(1)
+    assert a["split"] == b["split"] and a["split"] != c["split"]
+    val, test = a["split"]["validation"], a["split"]["test"]
+    assert len(val) == 754 and len(test) == 754 and len(a["pairs"]) == 1508
+    assert set(val).isdisjoint(test) and set(val) | set(test) == set(a["pairs"])
+
+
+def test_evalset_truthfulqa_and_ppl_rows():
+    from fare_models.tiny import build_tokenizer
+    from fare_pipeline.evalsets import build_evalset
+    from fare_pipeline.prompts import build_prompt_set
+    from fare_tasks import data
+    from fare_tasks.utility import TQA_FILE
+
+    tok = build_tokenizer()
+    ps = build_prompt_set(contexts_per_descriptor=2)
+    ev = build_evalset(tok, split="test", crows_n=5, ppl_n=7, tqa_n=3, prompt_set=ps)
+    assert ev.crows_rows.shape == (5, 2) and len(ev.ppl_rows) == 7 and len(ev.tqa_rows) == 3
+    raw = data.read_json(*TQA_FILE)
+    for rows, label, q in zip(ev.tqa_rows, ev.tqa_labels, ev.tqa_ids):
+        choices = list(raw[q]["mc1_targets"])
+        assert len(rows) == len(choices) and list(raw[q]["mc1_targets"].values())[label] == 1
+        ids, n_ctx = ev.requests[rows[0]]
+        assert tok.decode(ids[n_ctx:]) == " " + choices[0] and tok.decode(ids[:n_ctx]).endswith(raw[q]["question"] + "\nA:")
+    test_ids = {p.id for p in ps.prompts if p.split == "test"}
+    ppl_texts = {tok.decode(ev.requests[r][0][1:]) for r in ev.ppl_rows}
+    assert ppl_texts <= {p.text for p in ps.prompts if p.id in test_ids}
+    with pytest.raises(ValueError, match="ppl_source='web'; allowed: prompts, harmless"):
+        build_evalset(tok, split="test", ppl_source="web", prompt_set=ps)
+
+
+def test_transfer_scores_by_hand():
+    from fare_pipeline.transfer import jaccard, protocol_items, score_protocol
+
+    assert jaccard("The cat sat", "the cat ran") == pytest.approx(2 / 4)
+    items = [{"stereotype": "They are lazy people", "anti": "They are hard working"}]
+    v, name = score_protocol("stereoset", items, ["lazy people everywhere"])
+    assert name == "stereo_alignment" and v[0] == pytest.approx(2 / 5 - 0.0)
+    sc = protocol_items("stereo_completion", 4, seed=0)
+    assert len(sc) == 4 and sc == protocol_items("stereo_completion", 4, seed=0)
+    v, _ = score_protocol("stereo_completion", sc, ["x"] * 4)
+    assert v.tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="protocol 'poems'"):
+        protocol_items("poems", 1, 0)
+
+
+def test_generation_under_arr_zero_is_the_baseline():
+    import torch
+
+    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_pipeline.engine import make_arr
+    from fare_pipeline.transfer import generate
+
+    model, tok = build_tiny_model("olmoe"), build_tokenizer()
+    prompts = ["Women are known for being", "Most old people I have met are"]
+    phi = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    base = generate(model, tok, prompts, max_new_tokens=5)
+    with make_arr(model, phi, 0.0, [1, 2])():
+        same = generate(model, tok, prompts, max_new_tokens=5)
+    with make_arr(model, phi, 50.0, [0, 1, 2, 3])():
+        other = generate(model, tok, prompts, max_new_tokens=5)
+    assert same == base and other != base
+    one = [generate(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
+    assert one == base  # left padding does not change greedy outputs
+    assert np.all([isinstance(t, str) for t in base])
