@@ -85,7 +85,8 @@ def _common(ap: argparse.ArgumentParser, out_required: bool = True) -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--no-keep-base", action="store_true", help="re-run the base pass per stage (less memory)")
     ap.add_argument("--random-seeds", type=int, default=5, help="seeds averaged for random controls/baselines/masks")
-    ap.add_argument("--progress", action="store_true", help="progress bars")
+    ap.add_argument("--progress", action="store_true", help="progress bars (default: when stderr is a terminal)")
+    ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-resume", action="store_true", help="recompute stages even when their outputs match")
 
 
@@ -109,7 +110,7 @@ def _ctx(args) -> Ctx:
     return Ctx(model=model, tokenizer=tok, model_id=model_id, model_type=RoutingController.of(model).model_type,
                revision=args.revision, seed=args.seed, sizes=_sizes(args), validation_fraction=args.validation_fraction,
                ppl_source=args.ppl_source, engine_mode=args.engine, batch_tokens=args.batch_tokens,
-               keep_base=not args.no_keep_base, progress=args.progress,
+               keep_base=not args.no_keep_base, progress=args.progress or (sys.stderr.isatty() and not args.no_progress),
                log=lambda msg: print(msg, file=sys.stderr))
 
 
@@ -153,8 +154,21 @@ def _fail(cmd: str, err: Exception) -> int:
     return 2
 
 
+def _file_sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _upstream(args) -> dict:
-    return {k: str(getattr(args, k)) for k in ("profile", "layers", "tune", "select", "lam", "prompts") if getattr(args, k, None)}
+    """Inputs of a single-stage command for its stage key (file contents, not only paths)."""
+    out = {k: str(getattr(args, k)) for k in ("select", "lam") if getattr(args, k, None) is not None}
+    for k, name in (("profile", None), ("layers", "aals.json"), ("tune", "lambda_star.json"), ("prompts", "prompts.jsonl")):
+        p = getattr(args, k, None)
+        if p is not None:
+            p = Path(p) / name if name and Path(p).is_dir() else Path(p)
+            out[k] = _file_sha(p) if p.is_file() else str(p)
+    return out
 
 
 # --------------------------------------------------------------------------- single-stage commands
@@ -339,7 +353,8 @@ def _run(args) -> int:
     prof = timed("profile", lambda: stage(out / "profile", k_profile, profile_fn, resume=resume, log=ctx.log))
     phi, pl = load_phi(ctx, out / "profile" / "phi.safetensors")
 
-    k_layers = {**k_profile, "stage": "layers", "lam_probe": args.lam_probe, "quantile": args.quantile}
+    k_layers = {**k_profile, "stage": "layers", "lam_probe": args.lam_probe, "quantile": args.quantile,
+                "phi": _file_sha(out / "profile" / "phi.safetensors")}
     aals = timed("layers", lambda: stage(out / "layers", k_layers, lambda d: run_layers(
         ctx, phi, pl, ps, d, lam_probe=args.lam_probe, quantile=args.quantile), resume=resume, log=ctx.log))
     sel = aals["selected"]

@@ -112,7 +112,7 @@ def run_transfer(ctx, phi, profile_layers, selected, lambda_star, out: Path, *, 
     from .tables import write_table
 
     s = ctx.sizes
-    lam = lambda_star if lambda_star is not None else control_lambda
+    lam = lambda_star if lambda_star else control_lambda  # infeasible or 0: the control lambda (recorded)
     sizes = {"bold": s.bold, "stereo_completion": s.stereo_completion, "stereoset": s.stereoset}
     rows, gens = [], []
     for name in protocols:

@@ -121,6 +121,19 @@ def test_no_feasible_lambda_is_reported_not_raised(tiny_profile, tmp_path, capsy
     assert main(["transfer", "--model", "fare-tiny", "--profile", str(tiny_profile), "--select", "1", "--tune", str(out),
                  "--protocols", "stereo_completion", "--out", str(tmp_path / "x"), *SMALL]) == 0
     assert (tmp_path / "x" / "table7_generation_transfer.csv").is_file()
+    from fare_models.profile import load_profile
+    from fare_pipeline.profiling import load_model
+    from fare_pipeline.prompts import build_prompt_set
+    from fare_pipeline.stages import Ctx, Sizes, run_evaluate
+
+    model, tok, mid = load_model("fare-tiny")
+    ctx = Ctx(model, tok, mid, "olmoe", sizes=Sizes(crows_test=8, ppl_test=4, tqa=2))
+    prof = load_profile(tiny_profile)
+    (tmp_path / "e").mkdir()
+    res = run_evaluate(ctx, prof.phi, prof.layers, [1], None, build_prompt_set(contexts_per_descriptor=2), tmp_path / "e")
+    assert res["fare"] is None
+    row = next(csv.DictReader(open(tmp_path / "e" / "table6_main.csv")))
+    assert row["lambda_star"] == "" and row["crows_fare"] == "" and row["crows_p"] == "" and row["crows_base"] != ""
 
 
 def test_bad_cli_values(tiny_profile, tmp_path, capsys):
