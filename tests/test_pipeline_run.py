@@ -94,6 +94,12 @@ def test_profile_of_another_model_is_rejected(tiny_profile, tmp_path, capsys):
         assert main(["layers", "--model", "fare-tiny", "--profile", str(path), "--out", str(tmp_path / "l"), *SMALL]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "l").exists()
+    # the profile of this model works, and a rerun with the same inputs resumes
+    for _ in range(2):
+        assert main(["layers", "--model", "fare-tiny", "--profile", str(tiny_profile), "--out", str(tmp_path / "l"), *SMALL]) == 0
+    assert "[l] up to date" in capsys.readouterr().err
+    aals = json.loads((tmp_path / "l" / "aals.json").read_text())
+    assert aals["layers"] == [0, 1, 2, 3] and aals["selected"] and (tmp_path / "l" / "aals.png").is_file()
 
 
 def test_empty_prompt_set_and_unknown_axis(tmp_path, capsys):
