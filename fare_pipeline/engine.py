@@ -128,8 +128,9 @@ def _row_arrays(row):
 
 
 def build_batches(requests, *, mode: str, pad_id: int, batch_tokens: int = 8192, max_row_tokens: int = 256,
-                  batch_size: int = 16, device="cpu") -> list[_Batch]:
-    """Deterministic batches of ``requests`` [(ids, n_ctx)] for the given mode."""
+                  batch_size: int = 16, device="cpu", dtype=torch.float32) -> list[_Batch]:
+    """Deterministic batches of ``requests`` [(ids, n_ctx)] for the given mode (``dtype``: the
+    model's, for the additive tree-attention mask)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     full = [list(r[0]) for r in requests]
@@ -163,7 +164,7 @@ def build_batches(requests, *, mode: str, pad_id: int, batch_tokens: int = 8192,
         cur.append(j)
     if cur:
         groups.append(cur)
-    neg = torch.finfo(torch.float32).min
+    neg = torch.finfo(dtype).min
     for g in groups:
         T = max(len(arrays[j][0]) for j in g)
         ids = torch.full((len(g), T), pad_id, dtype=torch.long)
@@ -179,7 +180,7 @@ def build_batches(requests, *, mode: str, pad_id: int, batch_tokens: int = 8192,
             for i, nodes, _ in rows[j]:
                 for t in range(requests[i][1], len(full[i])):
                     req.append(i), row.append(b), node.append(nodes[t - 1]), tgt.append(full[i][t])
-        mask = torch.zeros((len(g), 1, T, T), dtype=torch.float32).masked_fill(~allow[:, None], neg)
+        mask = torch.zeros((len(g), 1, T, T), dtype=dtype).masked_fill(~allow[:, None], neg)
         batches.append(_Batch(ids.to(device), mask.to(device), pos.to(device), *map(np.asarray, (req, row, node, tgt))))
     return batches
 
@@ -218,9 +219,11 @@ class Engine:
         if np.any(self.n_scored < 1) or any(r[1] < 1 for r in requests):
             raise ValueError("every request needs >= 1 context token and >= 1 scored token")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
-        device = next(model.parameters()).device
+        param = next(model.parameters())
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         self.batches = build_batches(requests, mode=mode, pad_id=pad, batch_tokens=batch_tokens,
-                                     max_row_tokens=max_row_tokens, batch_size=batch_size, device=device)
+                                     max_row_tokens=max_row_tokens, batch_size=batch_size, device=param.device,
+                                     dtype=dtype)
         self.n_layers = len(decoder_parts(model)[0])
         self.layer_calls = 0  # decoder-layer forward calls (one per batch and layer)
         self.token_layer_evals = 0  # positions x decoder layers actually computed

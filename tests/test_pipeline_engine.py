@@ -103,3 +103,15 @@ def test_bad_requests(tiny):
         build_batches([([1, 2], 1)], mode="fast", pad_id=0)
     with pytest.raises(ValueError, match="adds no tokens"):
         encode_request(tok, "abc", "")
+
+
+def test_half_precision_model_gets_a_mask_of_its_dtype():
+    from fare_models.tiny import build_tiny_model, build_tokenizer
+
+    model, tok = build_tiny_model("olmoe").to(torch.bfloat16), build_tokenizer()
+    reqs = [encode_request(tok, "", s) for s in ("The poor man stole it.", "The rich man stole it.")]
+    eng = Engine(model, tok, reqs, mode="cached")
+    assert eng.batches[0].attention_mask.dtype == torch.bfloat16
+    got = eng.score([("base", None, None)])["base"]
+    ref = Engine(model, tok, reqs, mode="naive").score([("base", None, None)])["base"]
+    np.testing.assert_allclose(got, ref, rtol=2e-2)  # equal up to bf16 rounding
