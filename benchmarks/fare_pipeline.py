@@ -114,11 +114,17 @@ def main() -> None:
     print(f"model {model_id} on {next(model.parameters()).device}: {ev.info['crows_pairs']} CrowS pairs + "
           f"{ev.info['ppl_texts']} held-out prompts; AALS probes on {len(rec.layer_indices)} MoE layers + grid {grid}")
     rows = [pipeline(model, tok, ev, phi, rec.layer_indices, mode, grid, args.beta) for mode in ("naive", "cached")]
-    hdr = f"{'implementation':<16}{'layer calls':>12}{'token-layer evals':>19}{'wall s':>9}  selected  lambda*"
+    hdr = (f"{'implementation':<15}{'positions/pass':>15}{'layers/position':>16}{'token-layer evals':>19}"
+           f"{'layer calls':>12}{'wall s':>8}  selected  lambda*")
     print(hdr)
     for r in rows:
-        print(f"{r['mode']:<16}{r['layer_calls']:>12}{r['token_layer_evals']:>19}{r['wall_s']:>9.2f}  "
-              f"{str(r['selected']):<9} {r['lambda_star']}")
+        units = r["token_layer_evals"] / r["positions_per_pass"]
+        print(f"{r['mode']:<15}{r['positions_per_pass']:>15}{units:>16.1f}{r['token_layer_evals']:>19}"
+              f"{r['layer_calls']:>12}{r['wall_s']:>8.2f}  {str(r['selected']):<9} {r['lambda_star']}")
+    L, G, s = rows[0]["decoder_layers"], len(grid), min(rows[0]["selected"])
+    print(f"(positions/pass: padded forward positions of one pass over all requests - prefix trees share the common "
+          f"prefixes; layers/position: naive (1 + L + G) L = {(1 + L + G) * L} with L={L}, G={G}; cached "
+          f"L + L(L+1)/2 + (G - 1 - reused) (L - s) with s={s} the first selected layer)")
     n, c = rows
     same = n["selected"] == c["selected"] and n["lambda_star"] == c["lambda_star"] and n["grid_prefs"] == c["grid_prefs"]
     print(f"ratio naive/cached: {n['token_layer_evals'] / c['token_layer_evals']:.2f}x token-layer evaluations, "

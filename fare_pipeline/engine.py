@@ -297,7 +297,8 @@ class Engine:
 
     def counts(self) -> dict:
         return {"mode": self.mode, "layer_calls": self.layer_calls, "token_layer_evals": self.token_layer_evals,
-                "batches": len(self.batches), "decoder_layers": self.n_layers}
+                "batches": len(self.batches), "decoder_layers": self.n_layers,
+                "positions_per_pass": sum(b.positions for b in self.batches)}
 
 
 class _null:

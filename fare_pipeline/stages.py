@@ -152,7 +152,7 @@ class Ctx:
     def key(self) -> dict:
         return {"model": self.model_id, "revision": self.revision, "seed": self.seed,
                 "validation_fraction": self.validation_fraction, "ppl_source": self.ppl_source,
-                "sizes": asdict(self.sizes)}
+                "sizes": asdict(self.sizes), "engine": self.engine_mode, "batch_tokens": self.batch_tokens}
 
     @property
     def moe_layers(self) -> list[int]:
