@@ -9,7 +9,8 @@ Two exact implementations, counted in the same unit (token-layer evaluations: po
 forward batch, padding included, times decoder layers run):
 
 * ``naive``: one padded row per request, a full forward per configuration.
-* ``cached``: (1) requests are packed into prefix trees - a row holds several requests, a token
+* ``cached``: (1) requests are packed into prefix trees (when the attention honours a custom 4-D
+  mask, see :func:`tree_attention_ok`; otherwise one padded row per request) - a row holds several requests, a token
   prefix shared by requests (the two CrowS sentences of a pair, TruthfulQA choices after the
   same question, prompts of one template) is computed once; tree attention (a token attends to
   its ancestors only, position id = depth) makes every request's hidden states those of its own
@@ -131,12 +132,12 @@ def build_batches(requests, *, mode: str, pad_id: int, batch_tokens: int = 8192,
                   batch_size: int = 16, device="cpu", dtype=torch.float32) -> list[_Batch]:
     """Deterministic batches of ``requests`` [(ids, n_ctx)] for the given mode (``dtype``: the
     model's, for the additive tree-attention mask)."""
-    if mode not in MODES:
+    if mode not in MODES + ("padded",):
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     full = [list(r[0]) for r in requests]
     seqs = [s[:-1] for s in full]  # the last token is only a target (as lm-eval: inp = (ctx + cont)[:-1])
     batches = []
-    if mode == "naive":
+    if mode in ("naive", "padded"):  # one padded row per request
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
         for b0 in range(0, len(order), batch_size):
             idx = order[b0 : b0 + batch_size]
@@ -197,6 +198,18 @@ def _token_logprobs(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
 # --------------------------------------------------------------------------- engine
 
 
+def tree_attention_ok(model, max_len: int) -> bool:
+    """Prefix trees need a custom 4-D mask honoured as given: eager/SDPA attention and no sliding
+    window shorter than the longest request (the mask is used as-is, without the window)."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(cfg, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return False
+    window = getattr(text, "sliding_window", None)
+    uses = getattr(text, "use_sliding_window", True) or any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or []))
+    return not (window and uses and int(window) < max_len)
+
+
 Config = tuple  # (name, make_edit: Callable[[], ctx manager] | None, start: int | None)
 
 
@@ -221,7 +234,9 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-        self.batches = build_batches(requests, mode=mode, pad_id=pad, batch_tokens=batch_tokens,
+        self.packed = mode == "cached" and tree_attention_ok(model, max(len(r[0]) for r in requests))
+        self.batches = build_batches(requests, mode=mode if self.packed or mode == "naive" else "padded", pad_id=pad,
+                                     batch_tokens=batch_tokens,
                                      max_row_tokens=max_row_tokens, batch_size=batch_size, device=param.device,
                                      dtype=dtype)
         self.n_layers = len(decoder_parts(model)[0])
@@ -296,7 +311,7 @@ class Engine:
         return out
 
     def counts(self) -> dict:
-        return {"mode": self.mode, "layer_calls": self.layer_calls, "token_layer_evals": self.token_layer_evals,
+        return {"mode": self.mode, "packed": self.packed, "layer_calls": self.layer_calls, "token_layer_evals": self.token_layer_evals,
                 "batches": len(self.batches), "decoder_layers": self.n_layers,
                 "positions_per_pass": sum(b.positions for b in self.batches)}
 

@@ -115,3 +115,16 @@ def test_half_precision_model_gets_a_mask_of_its_dtype():
     got = eng.score([("base", None, None)])["base"]
     ref = Engine(model, tok, reqs, mode="naive").score([("base", None, None)])["base"]
     np.testing.assert_allclose(got, ref, rtol=2e-2)  # equal up to bf16 rounding
+
+
+def test_sliding_window_models_fall_back_to_padded_rows():
+    from fare_models.tiny import build_tiny_model, build_tokenizer
+
+    model, tok = build_tiny_model("gpt_oss"), build_tokenizer()  # sliding_window=128
+    short = [encode_request(tok, "", "The poor man stole it."), encode_request(tok, "", "The rich man stole it.")]
+    long = [encode_request(tok, "", "x" * 200 + " end."), encode_request(tok, "", "x" * 200 + " stop.")]
+    assert Engine(model, tok, short).packed and not Engine(model, tok, long).packed
+    for reqs in (short, long):
+        got = Engine(model, tok, reqs).score([("base", None, None)])["base"]
+        ref = [_reference_ll(model, ids, c) for ids, c in reqs]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
