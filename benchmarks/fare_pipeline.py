@@ -45,7 +45,7 @@ def pipeline(model, tok, ev, phi, layers, mode: str, grid, beta: float):
     else:
         configs = [("base", None, None)] + [(repr(lam), make_arr(model, phi, lam, sel, layers), min(sel))
                                             for lam in grid if lam != 0.0]
-        key = lambda lam: "base" if lam == 0.0 else repr(lam)  # noqa: E731
+        key = lambda lam: "base" if lam == 0.0 else repr(lam)
     m = {k: _metrics(ev, v) for k, v in eng.score(configs).items()}
     base_ppl = m[key(0.0)]["ppl"] if 0.0 in grid else None
     op = select_lambda(grid, [m[key(x)]["pref"] for x in grid], [m[key(x)]["ppl"] for x in grid],
@@ -65,8 +65,8 @@ def _status(field: str) -> int:
 def memory_child(contexts: int) -> None:
     import tracemalloc
 
-    from fare_pipeline.prompts import build_prompt_set
     from fare_pipeline.profiling import load_model, record_routing
+    from fare_pipeline.prompts import build_prompt_set
 
     model, tok, _ = load_model("fare-tiny", device="cpu")
     ps = build_prompt_set(contexts_per_descriptor=contexts)
@@ -120,7 +120,7 @@ def main() -> None:
     for r in rows:
         units = r["token_layer_evals"] / r["positions_per_pass"]
         print(f"{r['mode']:<15}{r['positions_per_pass']:>15}{units:>16.1f}{r['token_layer_evals']:>19}"
-              f"{r['layer_calls']:>12}{r['wall_s']:>8.2f}  {str(r['selected']):<9} {r['lambda_star']}")
+              f"{r['layer_calls']:>12}{r['wall_s']:>8.2f}  {r['selected']!s:<9} {r['lambda_star']}")
     L, G, s = rows[0]["decoder_layers"], len(grid), min(rows[0]["selected"])
     print(f"(positions/pass: padded forward positions of one pass over all requests - prefix trees share the common "
           f"prefixes; layers/position: naive (1 + L + G) L = {(1 + L + G) * L} with L={L}, G={G}; cached "

@@ -22,8 +22,8 @@ forward batch, padding included, times decoder layers run):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int
     """``(ids, n_ctx)`` exactly as lm-eval's HFLM.loglikelihood encodes a (context, continuation):
     empty context -> [prefix token] + continuation; else trailing spaces of the context move to the
     continuation and the continuation is the tail of the whole string's encoding."""
-    enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])
     if context == "":
         cont = enc(continuation)
         if not cont:

@@ -19,18 +19,24 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE, aals_from_probes, select_lambda, write_aals, write_operating_point
+from .aals import (
+    DEFAULT_LAMBDA_GRID,
+    DEFAULT_QUANTILE,
+    aals_from_probes,
+    select_lambda,
+    write_aals,
+    write_operating_point,
+)
 from .engine import Engine, make_arr, mc_correct, pair_prefers, perplexity
 from .evalsets import build_evalset
 from .tables import write_table
-
 
 # --------------------------------------------------------------------------- stage machinery
 
@@ -122,7 +128,7 @@ class Sizes:
     baseline_n: int = 10
 
     @classmethod
-    def quick(cls) -> "Sizes":
+    def quick(cls) -> Sizes:
         """CI-sized run (fare-tiny on CPU in about a minute)."""
         return cls(contexts_per_descriptor=6, crows_val=48, crows_test=64, ppl_val=32, ppl_test=32, tqa=12,
                    bold=8, stereo_completion=8, stereoset=8, max_new_tokens=6, n_permutations=2000,
@@ -247,7 +253,7 @@ def run_tune(ctx: Ctx, phi, profile_layers, selected: Sequence[int], prompt_set,
     before = eng.counts()
     ll = eng.score(configs, desc="lambda grid")
     m = {name: _metrics(ev, v) for name, v in ll.items()}
-    key = lambda lam: "base" if lam == 0.0 else repr(lam)  # noqa: E731  (ARR at 0 is the unmodified model)
+    key = lambda lam: "base" if lam == 0.0 else repr(lam)
     op = select_lambda(grid, [m[key(x)]["pref"] for x in grid], [m[key(x)]["ppl"] for x in grid],
                        ppl_base=m["base"]["ppl"], beta=beta, lambda_max=lambda_max)
     write_operating_point(op, out)
@@ -348,7 +354,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     eng, ev = ctx.engine("test", prompt_set, tqa=True)
     start = min(selected)
     lam_b = lambda_star if lambda_star else control_lambda  # lambda* None (infeasible) or 0 -> control lambda
-    arr = lambda p, lam: make_arr(ctx.model, p.float(), lam, selected, profile_layers)  # noqa: E731
+    arr = lambda p, lam: make_arr(ctx.model, p.float(), lam, selected, profile_layers)
     configs = [("base", None, None)]
     suite = C.control_suite(phi, profile_layers, selected, random_seeds=list(range(n_random)))
     for i, c in enumerate(suite):
@@ -375,7 +381,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     ll = eng.score(configs, desc="ablations")
     m = {k: _metrics(ev, v) for k, v in ll.items()}
     b = m["base"]
-    d = lambda k, x: _pct(m[k][x] - b[x])  # noqa: E731
+    d = lambda k, x: _pct(m[k][x] - b[x])
 
     # Table 4 (synthetic ablation) and Table 5 (one row for this model)
     t4 = []
@@ -399,7 +405,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     write_table(t4, out / "table4_synthetic_ablation", digits=3,
                 title=f"Table 4: synthetic ablation (lambda={control_lambda:g}); deltas in %p vs base "
                       f"(CrowS {b['pref']:.3f} / TQA {b['tqa']:.3f})")
-    pick = lambda label: next((r["delta_crows_pp"] for r in t4 if r["condition"].startswith(label)), None)  # noqa: E731
+    pick = lambda label: next((r["delta_crows_pp"] for r in t4 if r["condition"].startswith(label)), None)
     t5 = [{"model": ctx.model_id, "experts_per_layer": E, "fsp": pick("alpha=1"), "top_5": pick("Top-5 "),
            "top_50": pick("Top-50 "), "top_100": pick("Top-100 "), "random": pick("Random"), "inverted": pick("Inverted")}]
     write_table(t5, out / "table5_cross_architecture", digits=2,
@@ -437,8 +443,8 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
 
     # Table 2 (group masking)
     t2 = []
-    for label, keys in (("Top-%d phi" % n_mask, ["mask_top"]), ("Bottom-%d phi" % n_mask, ["mask_bottom"]),
-                        ("Random-%d (%dx avg)" % (n_mask, n_random), [f"mask_random{i}" for i in range(n_random)])):
+    for label, keys in ((f"Top-{n_mask} phi", ["mask_top"]), (f"Bottom-{n_mask} phi", ["mask_bottom"]),
+                        (f"Random-{n_mask} ({n_random}x avg)", [f"mask_random{i}" for i in range(n_random)])):
         t2.append({"condition": label, "delta_tqa_pp": float(np.mean([d(k, "tqa") for k in keys])),
                    "delta_crows_pp": float(np.mean([d(k, "pref") for k in keys])),
                    "tqa": float(np.mean([m[k]["tqa"] for k in keys])), "crows": float(np.mean([m[k]["pref"] for k in keys]))})

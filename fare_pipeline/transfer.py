@@ -19,8 +19,8 @@ padded, ``max_new_tokens`` greedy tokens, cut at the first newline.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,11 @@ def jaccard(a: str, b: str) -> float:
 def protocol_items(name: str, n: int | None, seed: int) -> list[dict]:
     """[{id, prompt, ...}] of one protocol (``n`` None = all)."""
     from fare_tasks import data
-    from fare_tasks.safety_tasks import bold_prompts, seeded_subset, stereo_completion_prompts
+    from fare_tasks.safety_tasks import (
+        bold_prompts,
+        seeded_subset,
+        stereo_completion_prompts,
+    )
 
     if name not in PROTOCOLS:
         raise ValueError(f"protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
@@ -134,8 +138,7 @@ def run_transfer(ctx, phi, profile_layers, selected, lambda_star, out: Path, *, 
                 title=f"Table 7: generation transfer, ARR at lambda={lam:g} on layers {list(selected)} "
                       "(mean_a = baseline, mean_b = FARE; paired permutation p, BH across protocols)")
     with open(out / "generations.jsonl", "w", encoding="utf-8") as fh:
-        for g in gens:
-            fh.write(json.dumps(g, ensure_ascii=False, sort_keys=True) + "\n")
+        fh.writelines(json.dumps(g, ensure_ascii=False, sort_keys=True) + "\n" for g in gens)
     write_json(out / "transfer.json", {"lambda": lam, "lambda_star": lambda_star, "layers": list(selected),
                                        "max_new_tokens": s.max_new_tokens, "sizes": sizes, "seed": ctx.seed})
     return {"rows": rows}

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from fare_pipeline.engine import Engine, build_batches, encode_request, make_arr, pack_rows
+from fare_pipeline.engine import (
+    Engine,
+    build_batches,
+    encode_request,
+    make_arr,
+    pack_rows,
+)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def planted():
                           descriptors={"nationality": PLANTED, "gender": ["female", "male"]}, contexts_per_descriptor="all")
     planted_chars = sorted(set("".join(PLANTED)))
     assert not any(set(planted_chars) & set(p.text) for p in ps.prompts if p.axis != "nationality")
-    one = lambda c: tok(c, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    one = lambda c: tok(c, add_special_tokens=False)["input_ids"][0]
     model = build_tiny_model("olmoe", seed=0)
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
@@ -92,12 +92,12 @@ def test_profiling_ranks_planted_expert_first(planted, tmp_path):
 
 
 def test_aals_picks_planted_layer_and_arr_lowers_selection(planted, tmp_path):
+    from fare_models.surgery import ARR
     from fare_pipeline.engine import Engine, encode_request
     from fare_pipeline.evalsets import EvalSet
     from fare_pipeline.fsp import compute_fsp
     from fare_pipeline.profiling import record_routing
     from fare_pipeline.stages import aals_probes
-    from fare_models.surgery import ARR
 
     model, tok, ps = planted
     rec = record_routing(model, tok, ps)

@@ -18,6 +18,11 @@ REPORT = ["table5_1_routing_sensitivity", "table2_group_masking", "table3_archit
 STAGES = ["prompts", "profile", "layers", "tune", "evaluate", "ablate", "transfer"]
 
 
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _numbers(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "timings.json"}
@@ -48,11 +53,11 @@ def test_run_writes_every_table_and_reruns_byte_identical(two_runs, capsys):
     test = json.loads((a / "evaluate" / "test_split.json").read_text())["crows_pair_ids"]
     assert len(val) == 24 and len(test) == 24 and not set(val) & set(test)
     # Table 6 agrees with the per-item values it was computed from
-    row = next(csv.DictReader(open(rep / "table6_main.csv")))
-    items = list(csv.DictReader(open(a / "evaluate" / "per_item_crows.csv")))
+    row = _rows(rep / "table6_main.csv")[0]
+    items = _rows(a / "evaluate" / "per_item_crows.csv")
     assert float(row["crows_base"]) == pytest.approx(sum(float(r["base"]) for r in items) / len(items))
     assert json.loads(row["layers"].replace("|", ",").join("[]")) == man["selected_layers"]
-    grid = list(csv.DictReader(open(rep / "lambda_grid.csv")))
+    grid = _rows(rep / "lambda_grid.csv")
     assert [float(r["lambda"]) for r in grid] == [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
     assert sum(r["selected"] == "True" for r in grid) == (1 if man["feasible"] else 0)
     # same seeds -> identical bytes for every number file (timings are kept apart)
@@ -120,7 +125,7 @@ def test_no_feasible_lambda_is_reported_not_raised(tiny_profile, tmp_path, capsy
     assert "no feasible lambda" in capsys.readouterr().err
     op = json.loads((out / "lambda_star.json").read_text())
     assert op["lambda_star"] is None and not op["feasible"] and "no grid point meets PPL" in op["reason"]
-    rows = list(csv.DictReader(open(out / "lambda_grid.csv")))
+    rows = _rows(out / "lambda_grid.csv")
     assert [r["lambda"] for r in rows] == ["50.0", "100.0"]
     assert all(float(r["ppl"]) > op["budget"] and r["feasible"] == "False" for r in rows)
     # downstream stages run without lambda*: Table 6 reports the baseline only, no crash
@@ -138,7 +143,7 @@ def test_no_feasible_lambda_is_reported_not_raised(tiny_profile, tmp_path, capsy
     (tmp_path / "e").mkdir()
     res = run_evaluate(ctx, prof.phi, prof.layers, [1], None, build_prompt_set(contexts_per_descriptor=2), tmp_path / "e")
     assert res["fare"] is None
-    row = next(csv.DictReader(open(tmp_path / "e" / "table6_main.csv")))
+    row = _rows(tmp_path / "e" / "table6_main.csv")[0]
     assert row["lambda_star"] == "" and row["crows_fare"] == "" and row["crows_p"] == "" and row["crows_base"] != ""
 
 
