@@ -332,8 +332,10 @@ def _run(args) -> int:
     ctx = timed("load_model", lambda: _ctx(args))
     ps = _prompt_set(args, ctx)  # validates axes / emptiness before any heavy work
     resume = not args.no_resume
-    base_key = {**ctx.key(), "prompts": ps.meta.get("resources_sha256"), "n_prompts": len(ps.prompts),
-                "prompt_seed": ps.meta.get("seed"), "prompt_contexts": ps.meta.get("contexts_per_descriptor")}
+    import hashlib
+
+    prompts_sha = hashlib.sha256("\n".join(json.dumps(p.to_dict(), sort_keys=True) for p in ps.prompts).encode()).hexdigest()
+    base_key = {**ctx.key(), "prompts": prompts_sha[:16], "n_prompts": len(ps.prompts), "prompt_seed": ps.meta.get("seed")}
 
     def prompts_fn(d):
         ps.write(d)
