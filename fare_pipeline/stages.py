@@ -81,6 +81,9 @@ def stage_done(folder: Path, key: dict) -> dict | None:
 def stage(folder, key: dict, fn: Callable[[Path], dict], *, resume: bool = True, log=print) -> dict:
     """Run ``fn(tmp_folder) -> result`` atomically into ``folder`` unless a finished stage with the same key exists."""
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "stage.json").is_file())):
+        raise ValueError(f"output folder {str(folder)!r} exists and is not a fare stage folder (no stage.json); "
+                         "choose a new or empty folder")
     if resume:
         done = stage_done(folder, key)
         if done is not None:

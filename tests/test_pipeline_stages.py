@@ -32,6 +32,11 @@ def test_stage_is_atomic_and_resumes(tmp_path):
     assert stage_done(tmp_path / "s", {"k": 2}) is None  # another key is not done
     (tmp_path / "s" / "x.csv").unlink()
     assert stage_done(tmp_path / "s", {"k": 1}) is None  # a missing output file is not done
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not a fare stage folder"):
+        stage(tmp_path / "mine", {"k": 1}, good)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"  # never replaced
 
 
 def test_crows_split_is_seeded_disjoint_and_complete():
