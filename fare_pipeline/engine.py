@@ -342,18 +342,18 @@ def mc_correct(ll: np.ndarray, choice_rows: Sequence[np.ndarray], labels: Sequen
     return np.asarray([float(int(np.argmax(ll[r])) == int(lab)) for r, lab in zip(choice_rows, labels)])
 
 
-def make_arr(model, phi, lam: float, layers: Sequence[int], profile_layers=None) -> Callable:
-    """``make_edit`` for ARR (Eq. 6) at ``lam`` on ``layers``."""
+def make_arr(model, phi, lam: float, layers: Sequence[int], profile_layers=None, target: str = "logits") -> Callable:
+    """``make_edit`` for ARR (Eq. 6) at ``lam`` on ``layers`` (``target``: see fare_models.surgery.ARR)."""
     from fare_models.surgery import ARR
 
     layers = [int(x) for x in layers]
 
     def make():
-        return ARR(model, phi, float(lam), layers=layers, profile_layers=profile_layers)
+        return ARR(model, phi, float(lam), layers=layers, profile_layers=profile_layers, target=target)
 
     import hashlib
 
     blob = torch.as_tensor(phi).detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    make.key = ("arr", float(lam), tuple(sorted(layers)), hashlib.sha256(blob).hexdigest(),
+    make.key = ("arr", target, float(lam), tuple(sorted(layers)), hashlib.sha256(blob).hexdigest(),
                 None if profile_layers is None else tuple(int(x) for x in profile_layers))
     return make

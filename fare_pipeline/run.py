@@ -83,6 +83,8 @@ def _common(ap: argparse.ArgumentParser, out_required: bool = True) -> None:
     ap.add_argument("--engine", default="cached", choices=["cached", "naive"],
                     help="cached = prefix trees + kept base pass (exact); naive = full forward per configuration")
     ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--arr-target", default="logits", choices=["logits", "selection"],
+                    help="ARR on the router logits (Eq. 6) or on the selection score (bias-after-score routers)")
     ap.add_argument("--no-keep-base", action="store_true", help="re-run the base pass per stage (less memory)")
     ap.add_argument("--random-seeds", type=int, default=5, help="seeds averaged for random controls/baselines/masks")
     ap.add_argument("--progress", action="store_true", help="progress bars (default: when stderr is a terminal)")
@@ -110,7 +112,8 @@ def _ctx(args) -> Ctx:
     return Ctx(model=model, tokenizer=tok, model_id=model_id, model_type=RoutingController.of(model).model_type,
                revision=args.revision, seed=args.seed, sizes=_sizes(args), validation_fraction=args.validation_fraction,
                ppl_source=args.ppl_source, engine_mode=args.engine, batch_tokens=args.batch_tokens,
-               keep_base=not args.no_keep_base, progress=args.progress or (sys.stderr.isatty() and not args.no_progress),
+               keep_base=not args.no_keep_base, arr_target=args.arr_target,
+               progress=args.progress or (sys.stderr.isatty() and not args.no_progress),
                log=lambda msg: print(msg, file=sys.stderr))
 
 

@@ -154,6 +154,7 @@ class Ctx:
     engine_mode: str = "cached"
     batch_tokens: int = 8192
     keep_base: bool = True
+    arr_target: str = "logits"
     progress: bool = False
     log: Callable = print
     _engines: dict = field(default_factory=dict)
@@ -161,7 +162,8 @@ class Ctx:
     def key(self) -> dict:
         return {"model": self.model_id, "revision": self.revision, "seed": self.seed,
                 "validation_fraction": self.validation_fraction, "ppl_source": self.ppl_source,
-                "sizes": asdict(self.sizes), "engine": self.engine_mode, "batch_tokens": self.batch_tokens}
+                "sizes": asdict(self.sizes), "engine": self.engine_mode, "batch_tokens": self.batch_tokens,
+                "arr_target": self.arr_target}
 
     @property
     def moe_layers(self) -> list[int]:
@@ -209,12 +211,12 @@ def _metrics(ev, ll: np.ndarray) -> dict:
 
 
 def aals_probes(model, engine: Engine, ev, phi, profile_layers=None, *, lam_probe: float = 1.0,
-                quantile: float = DEFAULT_QUANTILE):
+                quantile: float = DEFAULT_QUANTILE, target: str = "logits"):
     """Eq. 5 on an evaluation set: ARR at ``lam_probe`` on each MoE layer alone -> (AALSResult, metrics)."""
     from fare_models.surgery import RoutingController
 
     moe = [m.index for m in RoutingController.of(model).layers]
-    configs = [("base", None, None)] + [(str(i), make_arr(model, phi, lam_probe, [i], profile_layers), i) for i in moe]
+    configs = [("base", None, None)] + [(str(i), make_arr(model, phi, lam_probe, [i], profile_layers, target), i) for i in moe]
     ll = engine.score(configs, desc="AALS probes")
     m = {name: _metrics(ev, v) for name, v in ll.items()}
     res = aals_from_probes(moe, m["base"]["pref"], m["base"]["ppl"], [m[str(i)]["pref"] for i in moe],
@@ -228,7 +230,8 @@ def run_layers(ctx: Ctx, phi, profile_layers, prompt_set, out: Path, *, lam_prob
     eng, ev = ctx.engine("validation", prompt_set, tqa=False)
     moe = ctx.moe_layers
     before = eng.counts()
-    res, m = aals_probes(ctx.model, eng, ev, phi, profile_layers, lam_probe=lam_probe, quantile=quantile)
+    res, m = aals_probes(ctx.model, eng, ev, phi, profile_layers, lam_probe=lam_probe, quantile=quantile,
+                         target=ctx.arr_target)
     write_aals(res, out, plot=plot)
     rows = [{"layer": i, "pref": m[str(i)]["pref"], "ppl": m[str(i)]["ppl"]} for i in moe]
     write_table([{"layer": "base", "pref": m["base"]["pref"], "ppl": m["base"]["ppl"]}] + rows, out / "probes", digits=4,
@@ -251,8 +254,9 @@ def run_tune(ctx: Ctx, phi, profile_layers, selected: Sequence[int], prompt_set,
     grid = [float(x) for x in grid]
     eng, ev = ctx.engine("validation", prompt_set, tqa=False)
     start = min(selected)
-    configs = [("base", None, None)] + [(repr(lam), make_arr(ctx.model, phi, lam, selected, profile_layers), start)
-                                        for lam in grid if lam != 0.0]
+    configs = [("base", None, None)] + [
+        (repr(lam), make_arr(ctx.model, phi, lam, selected, profile_layers, ctx.arr_target), start)
+        for lam in grid if lam != 0.0]
     before = eng.counts()
     ll = eng.score(configs, desc="lambda grid")
     m = {name: _metrics(ev, v) for name, v in ll.items()}
@@ -293,7 +297,8 @@ def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_se
     eng, ev = ctx.engine("test", prompt_set, tqa=True)
     configs = [("base", None, None)]
     if lambda_star is not None:
-        configs.append(("fare", make_arr(ctx.model, phi, lambda_star, selected, profile_layers), min(selected)))
+        configs.append(("fare", make_arr(ctx.model, phi, lambda_star, selected, profile_layers, ctx.arr_target),
+                        min(selected)))
     ll = eng.score(configs, desc="test evaluation")
     m = {k: _metrics(ev, v) for k, v in ll.items()}
     write_table([{"pair_id": pid, "length_matched": bool(lm), **{k: float(m[k]["crows_items"][i]) for k in m}}
@@ -357,7 +362,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     eng, ev = ctx.engine("test", prompt_set, tqa=True)
     start = min(selected)
     lam_b = lambda_star if lambda_star else control_lambda  # lambda* None (infeasible) or 0 -> control lambda
-    arr = lambda p, lam: make_arr(ctx.model, p.float(), lam, selected, profile_layers)
+    arr = lambda p, lam: make_arr(ctx.model, p.float(), lam, selected, profile_layers, ctx.arr_target)
     configs = [("base", None, None)]
     suite = C.control_suite(phi, profile_layers, selected, random_seeds=list(range(n_random)))
     for i, c in enumerate(suite):

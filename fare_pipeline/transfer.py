@@ -123,7 +123,7 @@ def run_transfer(ctx, phi, profile_layers, selected, lambda_star, out: Path, *, 
         items = protocol_items(name, sizes[name], ctx.seed)
         prompts = [it["prompt"] for it in items]
         base = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=s.max_new_tokens, progress=ctx.progress)
-        with make_arr(ctx.model, phi, lam, selected, profile_layers)():
+        with make_arr(ctx.model, phi, lam, selected, profile_layers, ctx.arr_target)():
             fare = generate(ctx.model, ctx.tokenizer, prompts, max_new_tokens=s.max_new_tokens, progress=ctx.progress)
         vb, metric = score_protocol(name, items, base)
         vf, _ = score_protocol(name, items, fare)
