@@ -21,7 +21,7 @@ from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
 from .stages import Ctx, Sizes, key_hash, load_phi, stage, write_json
 
 REPORT_TABLES = {
-    "5.1": ["table5_1_routing_sensitivity", "fsp_layers"],
+    "5.1": ["table5_1_routing_sensitivity"],  # fsp_layers.csv (raw digits) is in the folder too
     "5.2": ["table2_group_masking", "table3_architecture", "table4_synthetic_ablation", "table5_cross_architecture"],
     "5.3": ["table6_main", "tests", "aals", "probes", "lambda_grid"],
     "5.4": ["table7_generation_transfer"],
