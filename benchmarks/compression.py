@@ -40,9 +40,9 @@ def child(model_spec: str, method: str, params: dict, calib: dict, threads: int)
 
     from fare_compression import MissingBackendError, apply_compression
     from fare_compression.methods import METHODS as REGISTRY
-    from fare_models.tiny import is_tiny_spec, tiny_model_path
+    from fare_models.tiny import resolve_pretrained
 
-    path = str(tiny_model_path(model_spec)) if is_tiny_spec(model_spec) else model_spec
+    path, _ = resolve_pretrained(model_spec)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     before = _rss_mb()

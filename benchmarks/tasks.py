@@ -49,10 +49,10 @@ def main(argv=None) -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from fare_models.tiny import is_tiny_spec, tiny_model_path
+    from fare_models.tiny import resolve_pretrained
     from task_configs import TASK_DIR
 
-    pretrained = str(tiny_model_path(args.model)) if is_tiny_spec(args.model) else args.model
+    pretrained, _ = resolve_pretrained(args.model)
     tasks = args.tasks.split(",") if args.tasks else all_task_names()
     lm = HFLM(pretrained=pretrained, device=args.device, batch_size=args.batch_size)
     manager = TaskManager(include_path=str(TASK_DIR), metadata={"pretrained": pretrained})

@@ -16,21 +16,12 @@ Every save is reloaded with ``output_loading_info=True``; missing or unexpected 
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
+
+from fare_models.files import package_versions
 
 MANIFEST = "fare_compression.json"
 FORMAT = "fare-compression/1"
-
-
-def _versions(names) -> dict[str, str | None]:
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    return out
 
 
 def check_reload(out_dir: Path):
@@ -75,7 +66,7 @@ def save_compressed(model, tokenizer, out_dir, base: str | None = None) -> dict:
         "saved_as": "compressed-tensors" if method.startswith("gptq") else
         ("dequantized weights; re-quantise on load" if reapply else "dense safetensors"),
         "reload_check": {"missing_keys": [], "unexpected_keys": []},
-        "versions": _versions(["torch", "transformers", "bitsandbytes", "llmcompressor", "compressed-tensors"]),
+        "versions": package_versions(["torch", "transformers", "bitsandbytes", "llmcompressor", "compressed-tensors"]),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest

@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fare_models.tiny import is_tiny_spec, tiny_model_path
+    from fare_models.tiny import resolve_pretrained
 
     from . import apply_compression
     from .checkpoint import save_compressed
 
-    path = str(tiny_model_path(args.model)) if is_tiny_spec(args.model) else args.model
+    path, _ = resolve_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     try:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
+
 PROFILE_FORMAT = "fare-phi/1"
 
 
@@ -38,12 +40,7 @@ def save_profile(path: str | os.PathLike, phi: torch.Tensor, layers: list[int], 
         raise ValueError(f"phi must be [len(layers)={len(layers)}, E], got {tuple(phi.shape)}")
     meta = {"format": PROFILE_FORMAT, "model": model_id, "model_type": model_type, "layers": list(map(int, layers)),
             "num_experts": int(phi.shape[1]), **extra}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"phi": phi}, str(tmp), metadata={"fare": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file({"phi": phi}, str(tmp), metadata={"fare": json.dumps(meta)}))
 
 
 def load_profile(path: str | os.PathLike) -> Profile:

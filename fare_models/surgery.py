@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .adapters import MoELayer, adapter_for, model_type_of, moe_layers
+from .files import atomic_write
 
 _LINEAR_OPS = (F.linear, torch.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 _TOPK_OPS = (torch.topk, torch.Tensor.topk)
@@ -39,7 +40,7 @@ class _RouterMode(TorchFunctionMode):
     def __init__(self, E, top_k, delta, mask, sel_delta):
         super().__init__()
         self.E, self.top_k, self.delta, self.mask, self.sel_delta = E, top_k, delta, mask, sel_delta
-        self.logits = self.indices = None
+        self.logits = self.edited = self.indices = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -58,6 +59,7 @@ class _RouterMode(TorchFunctionMode):
             self.logits = out
             if self.delta is not None:
                 out = out + self.delta.to(out.dtype)
+            self.edited = out
         elif is_topk and self.indices is None:
             self.indices = out[1]
         return out
@@ -201,9 +203,8 @@ class RoutingController:
             indices = mode.indices
             if indices is None and isinstance(output, tuple) and len(output) > 2:
                 indices = output[2]
-            edited = mode.logits if mode.delta is None else mode.logits + mode.delta.to(mode.logits.dtype)
             for obs in self._plans[layer.index].observers:
-                obs.observe(layer, mode.logits.detach(), edited.detach(), indices.detach())
+                obs.observe(layer, mode.logits.detach(), mode.edited.detach(), indices.detach())
             return None
 
         return pre, post
@@ -399,6 +400,7 @@ class Recorder(RoutingEdit):
         self._groups = None
         self._valid = None
         self._token_groups = None
+        self._on_device: dict = {}
         self._hook = None
         self.trace_dir = Path(trace_dir) if trace_dir else None
         self.shard_tokens = shard_tokens
@@ -437,7 +439,14 @@ class Recorder(RoutingEdit):
             raise ValueError(f"group ids must be in 0..{len(self.group_names) - 1}, got {groups.tolist()}")
         self._valid = valid.reshape(-1)
         self._token_groups = groups[:, None].expand(B, T).reshape(-1)
+        self._on_device = {}
         return None
+
+    def _forward_masks(self, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid-token mask, group id per token) of the current forward, moved to ``dev`` once."""
+        if dev not in self._on_device:
+            self._on_device[dev] = (self._valid.to(dev), self._token_groups.to(dev))
+        return self._on_device[dev]
 
     def __enter__(self):
         self._hook = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
@@ -459,8 +468,8 @@ class Recorder(RoutingEdit):
         n = raw.shape[0]
         dev = raw.device
         if self._valid is not None and self._valid.numel() == n:
-            valid = self._valid.to(dev)
-            groups = self._token_groups.to(dev)[valid]
+            valid, groups = self._forward_masks(dev)
+            groups = groups[valid]
             raw, edited, indices = raw[valid], edited[valid], indices[valid]
         else:  # decode steps of generate() and calls without a top-level forward: all tokens count
             groups = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -545,8 +554,8 @@ class Recorder(RoutingEdit):
         out.mkdir(parents=True, exist_ok=True)
         meta = self.metadata()
         tensors = {"counts": self.counts, "prob_sums": self.prob_sums, "tokens": self.tokens}
-        _atomic(out / "routing.safetensors", lambda p: save_file(tensors, str(p), metadata={"fare": json.dumps(meta)}))
-        _atomic(out / "routing.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(out / "routing.safetensors", lambda p: save_file(tensors, str(p), metadata={"fare": json.dumps(meta)}))
+        atomic_write(out / "routing.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
 
         def write_csv(p):
             c, s, t = self.counts, self.prob_sums, self.tokens
@@ -557,7 +566,7 @@ class Recorder(RoutingEdit):
                         for e in range(self.num_experts):
                             f.write(f"{layer_index},{e},{gname},{int(c[li, e, g])},{float(s[li, e, g])!r},{int(t[li, g])}\n")
 
-        _atomic(out / "routing.csv", write_csv)
+        atomic_write(out / "routing.csv", write_csv)
         return out
 
     def _flush_trace(self) -> None:
@@ -568,7 +577,7 @@ class Recorder(RoutingEdit):
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: torch.cat(v) for k, v in self._trace.items()}
         target = self.trace_dir / f"trace-{self._shard:05d}.safetensors"
-        _atomic(target, lambda p: save_file(tensors, str(p), metadata={"fare": json.dumps(self.metadata())}))
+        atomic_write(target, lambda p: save_file(tensors, str(p), metadata={"fare": json.dumps(self.metadata())}))
         self._shard += 1
         self._trace = {}
         self._trace_tokens = 0
@@ -584,9 +593,3 @@ def load_routing(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     with safe_open(str(p), framework="pt") as f:
         meta = json.loads(f.metadata()["fare"])
         return {k: f.get_tensor(k) for k in f.keys()}, meta
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, target)

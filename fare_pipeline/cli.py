@@ -10,15 +10,10 @@ from pathlib import Path
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
+    from fare_models.files import package_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("fare-moe", "torch", "transformers", "lm_eval", "numpy", "scipy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"python": platform.python_version(),
+            **package_versions(("fare-moe", "torch", "transformers", "lm_eval", "numpy", "scipy"))}
 
 
 def _load_tokenizer(spec: str):

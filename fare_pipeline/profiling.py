@@ -103,12 +103,9 @@ def load_model(spec: str, *, revision: str | None = None, device: str = "auto", 
     """(model, tokenizer, model_id) for a hub id, local path or ``fare-tiny[:type]``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fare_models.tiny import is_tiny_spec, parse_tiny_spec, tiny_model_path
+    from fare_models.tiny import resolve_pretrained
 
-    model_id = spec
-    if is_tiny_spec(spec):
-        model_id = f"fare-tiny:{parse_tiny_spec(spec)}"
-        spec = str(tiny_model_path(model_id))
+    spec, model_id = resolve_pretrained(spec)
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(dtypes)}")

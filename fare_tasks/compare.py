@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
+
+from fare_models.files import atomic_write
 
 from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, bh_family, pair_log_samples, paired_comparison
 
@@ -79,14 +80,14 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".comparison.csv.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "comparison.csv")
-    (out / "comparison.md").write_text(to_markdown(rows))
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(out / "comparison.csv", write_csv)
+    atomic_write(out / "comparison.md", lambda tmp: tmp.write_text(to_markdown(rows)))
 
 
 def main(argv: list[str]) -> int:

@@ -44,10 +44,9 @@ def resolve_tokenizer(spec, revision: str | None = None):
     """Tokenizer of the evaluated model: ``fare-tiny[:type]``, a local dir or a hub id (no remote code)."""
     from transformers import AutoTokenizer
 
-    from fare_models.tiny import is_tiny_spec, tiny_model_path
+    from fare_models.tiny import resolve_pretrained
 
-    if is_tiny_spec(spec):
-        spec = tiny_model_path(spec)
+    spec, _ = resolve_pretrained(str(spec))
     kwargs = {"revision": revision} if revision else {}
     return AutoTokenizer.from_pretrained(str(spec), trust_remote_code=False, **kwargs)
 
