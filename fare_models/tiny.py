@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 TINY_PREFIX = "fare-tiny"
-TINY_VERSION = "v1"
+#: Part of the on-disk cache directory name: bump it whenever the cached model or tokenizer changes, so
+#: a stale cache is rebuilt instead of silently reused. v2: byte tokenizer pre-splits words (use_regex).
+TINY_VERSION = "v2"
 DEFAULT_TINY_TYPE = "olmoe"
 
 _COMMON = dict(
@@ -98,7 +100,14 @@ def cache_root() -> Path:
 
 
 def build_tokenizer():
-    """Byte-level tokenizer: ids 0 pad, 1 end-of-text, 2.. the 256 bytes. Encodes any text."""
+    """Byte-level tokenizer: ids 0 pad, 1 end-of-text, 2.. the 256 bytes. Encodes any text.
+
+    Token ids are exactly ``byte + 2`` and each token's offsets cover the character its byte belongs
+    to. The pre-tokenizer splits text into words with GPT-2's regex like real byte-level BPE
+    tokenizers: with no merges this changes no ids or offsets, but it keeps the BPE word cache
+    (up to 10,000 entries) holding short words instead of every whole distinct text it encoded, so
+    memory does not grow with the number of distinct prompts.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -107,7 +116,7 @@ def build_tokenizer():
     vocab = {"<|pad|>": 0, "<|endoftext|>": 1}
     vocab.update({c: i + 2 for i, c in enumerate(byte_chars)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",

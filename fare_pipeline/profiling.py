@@ -1,96 +1,157 @@
 """FARE stage 1-2 driver: run the prompt set through an MoE model with the streaming recorder.
 
-Memory is O(L x E x G) (``fare_models.surgery.Recorder`` aggregates), independent of the number
-of prompts. Token modes: ``all`` tokens, or ``shared`` tokens only (the inserted descriptor's
-tokens are excluded from the demographic prompts' statistics, SPEC section 1).
+Memory does not grow with the number of prompts beyond the caller's own prompt container:
+``record_routing`` holds the ``fare_models.surgery.Recorder`` aggregates (O(L x E x G)), the group
+names, one window of at most ``window`` prompts (a sorted index of 8 bytes per prompt, plus the
+prompt references when the input is a one-shot iterator) and one batch of token ids and
+activations. Prompts may come from a :class:`~.prompts.PromptSet`, any sequence, or a one-shot
+iterator/generator (then ``groups=`` is required). Token modes: ``all`` tokens, or ``shared``
+tokens only (the inserted descriptor's tokens are excluded from the demographic prompts'
+statistics, SPEC section 1).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain, islice
 
 import torch
 
 from .prompts import NEUTRAL, Prompt, PromptSet, span_token_positions
 
 TOKEN_MODES = ("all", "shared")
+DEFAULT_WINDOW = 8192
+_LENGTH_CHUNK = 256  # prompts per tokenizer call when measuring a window's token lengths
 
 
-def _batches(items: Sequence, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _window_order(tokenizer, get: Callable[[int], Prompt], m: int) -> array:
+    """Window positions 0..m-1 sorted by (token length, prompt id, position), as 8-byte ints."""
+    lengths = array("q")
+    for i in range(0, m, _LENGTH_CHUNK):
+        enc = tokenizer([get(k).text for k in range(i, min(i + _LENGTH_CHUNK, m))])["input_ids"]
+        lengths.extend(len(x) for x in enc)
+    return array("q", sorted(range(m), key=lambda k: (lengths[k], get(k).id, k)))
+
+
+def _n_batches(n: int, window: int, batch_size: int) -> int:
+    full, rest = divmod(n, window)
+    return full * -(-window // batch_size) + -(-rest // batch_size)
 
 
 def record_routing(
     model,
     tokenizer,
-    prompts: PromptSet | Sequence[Prompt],
+    prompts: PromptSet | Sequence[Prompt] | Iterable[Prompt],
     *,
     groups: Sequence[str] | None = None,
     group_of: Callable[[Prompt], str] | None = None,
     batch_size: int = 16,
     token_mode: str = "all",
     progress: bool = False,
+    window: int = DEFAULT_WINDOW,
 ):
     """Forward every prompt once (no grad) under a Recorder; returns the Recorder.
 
-    ``groups`` fixes the group order (default: ``neutral`` then descriptors in prompt order);
+    ``groups`` fixes the group order (default: ``neutral`` then descriptors in prompt order, which
+    needs one pass over the prompts, so a one-shot iterator requires ``groups=``);
     ``group_of`` maps a prompt to its group name (default: ``prompt.group``; e.g. shards for SES).
-    Batches are formed after sorting by token length (deterministic) with right padding.
+
+    Prompts are consumed in windows of ``window`` prompts. Within a window they are sorted by
+    (token length, prompt id, position) (deterministic) and cut into batches of ``batch_size`` with
+    right padding; then the next window follows. With at most ``window`` prompts this is one global
+    sort. Memory: the Recorder's O(L x E x G) aggregates + one window's sorted index (8 bytes per
+    prompt; plus one reference per prompt for iterator input) + one batch; nothing is kept per
+    prompt across windows. Token ids are encoded again per batch rather than stored.
     """
     from fare_models.surgery import Recorder
 
-    items = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
-    if not items:
-        raise ValueError("empty prompt set: nothing to profile")
+    source = prompts.prompts if isinstance(prompts, PromptSet) else prompts
+    indexable = isinstance(source, Sequence)
+    if indexable:
+        if len(source) == 0:
+            raise ValueError("empty prompt set: nothing to profile")
+    else:
+        it = iter(source)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise ValueError("empty prompt set: nothing to profile") from None
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"token_mode={token_mode!r}; allowed: {', '.join(TOKEN_MODES)}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r}; must be a positive integer")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window={window!r}; must be a positive integer")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} has no character offsets; a fast tokenizer is required")
+    one_shot = not indexable and iter(source) is source
     group_of = group_of or (lambda p: p.group)
     if groups is None:
-        groups = list(dict.fromkeys([group_of(p) for p in items if p.kind == NEUTRAL]
-                                    + [group_of(p) for p in items if p.kind != NEUTRAL]))
+        if one_shot:
+            raise ValueError("prompts is a one-shot iterator: pass groups= (the default group order needs a "
+                             "second pass over the prompts), or pass a PromptSet or a list")
+        neutral, other = {}, {}  # insertion-ordered sets of group names, one pass
+        for p in source:
+            (neutral if p.kind == NEUTRAL else other).setdefault(group_of(p), None)
+        groups = list(dict.fromkeys([*neutral, *other]))
     gid = {g: i for i, g in enumerate(groups)}
-    missing = sorted({group_of(p) for p in items} - gid.keys())
-    if missing:
-        raise ValueError(f"prompt group {missing[0]!r} not in groups {list(groups)}")
+
+    def check_groups(ps: Iterable[Prompt]) -> None:
+        missing = sorted({group_of(p) for p in ps} - gid.keys())
+        if missing:
+            raise ValueError(f"prompt group {missing[0]!r} not in groups {list(groups)}")
+
+    if not one_shot:
+        check_groups(source)  # fail before any forward; one-shot input is checked per window
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token to pad batches with")
 
-    def encode(j):
-        p = items[j]
+    def encode(p: Prompt):
         enc = tokenizer(p.text, return_offsets_mapping=True)
         inserted = set(span_token_positions(enc["offset_mapping"], p.span))
         keep = [token_mode == "all" or i not in inserted for i in range(len(enc["input_ids"]))]
-        return len(enc["input_ids"]), p.id, list(enc["input_ids"]), keep, gid[group_of(p)]
+        return len(enc["input_ids"]), list(enc["input_ids"]), keep, gid[group_of(p)]
 
-    # only (length, id, index) is kept for all prompts; token ids are encoded again per batch, so
-    # memory beyond the prompt list itself does not grow with the number of prompts
-    order = sorted((len(tokenizer(p.text)["input_ids"]), p.id, j) for j, p in enumerate(items))
+    def windows():
+        """(prompt getter, window size) per window; for sequences the getter indexes the input."""
+        if indexable:
+            for start in range(0, len(source), window):
+                yield (lambda k, s=start: source[s + k]), min(window, len(source) - start)
+        else:
+            rest = chain([first], it)
+            while chunk := list(islice(rest, window)):
+                if one_shot:
+                    check_groups(chunk)
+                yield chunk.__getitem__, len(chunk)
+
+    def batches():
+        for get, m in windows():
+            order = _window_order(tokenizer, get, m)
+            for i in range(0, m, batch_size):
+                yield [get(k) for k in order[i : i + batch_size]]
 
     device = next(model.parameters()).device
     rec = Recorder(model, groups=list(groups))
-    batches = _batches(order, batch_size)
+    todo = batches()
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="routing", unit="batch", total=-(-len(order) // batch_size))
+        total = _n_batches(len(source), window, batch_size) if hasattr(source, "__len__") else None
+        todo = tqdm(todo, desc="routing", unit="batch", total=total)
     with rec, torch.inference_mode():
-        for idx in batches:
-            batch = [encode(j) for _, _, j in idx]
+        for ps in todo:
+            batch = [encode(p) for p in ps]
             T = max(r[0] for r in batch)
             ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
             attn = torch.zeros((len(batch), T), dtype=torch.long)
             keep = torch.zeros((len(batch), T), dtype=torch.bool)
-            for b, (n, _, tok, k, _) in enumerate(batch):
+            for b, (n, tok, k, _) in enumerate(batch):
                 ids[b, :n] = torch.tensor(tok)
                 attn[b, :n] = 1
                 keep[b, :n] = torch.tensor(k)
-            rec.set_groups([r[4] for r in batch])
+            rec.set_groups([r[3] for r in batch])
             rec.set_token_mask(keep)
             model(input_ids=ids.to(device), attention_mask=attn.to(device))
     return rec
