@@ -16,8 +16,12 @@ forward batch, padding included, times decoder layers run):
   its ancestors only, position id = depth) makes every request's hidden states those of its own
   causal forward; (2) one unmodified pass per batch keeps the input of every decoder layer
   (:class:`fare_pipeline.probe.PrefixCache`), a configuration re-runs only layers ``start``..;
-  (3) configurations without an edit reuse the base pass, and the kept batches serve later
-  :meth:`Engine.score` calls (AALS then the lambda grid: one base pass in all).
+  (3) configurations without an edit, or with an identity edit (ARR at lambda = 0), reuse the base
+  pass; configurations with equal keys (:func:`make_arr`, :func:`make_mask`) are scored once, in
+  one call or across calls; the kept batches serve later :meth:`Engine.score` calls (AALS then the
+  lambda grid: one base pass in all).
+
+:class:`fare_pipeline.work.LayerWork` counts the same unit with hooks on the decoder layers.
 """
 
 from __future__ import annotations
@@ -265,14 +269,23 @@ class Engine:
         if len(set(names)) != len(names):
             raise ValueError(f"configuration names must be distinct; got {names}")
         out = {name: np.zeros(self.n_requests, np.float64) for name in names}
-        # cached mode: a configuration equal to one scored before (same ``make_edit.key``, e.g. the
-        # AALS probe at lambda_probe on layer l and the grid point lambda_probe when only l is selected)
-        memo = {}
+        # cached mode, exact reuse of equal configurations (same ``make_edit.key``): one scored by an
+        # earlier call (``memo``: the AALS probe at lambda_probe on layer l and the grid point
+        # lambda_probe when only l is selected) or earlier in this call (``alias``: the power alpha=1
+        # and top-k >= all controls and the FSP baseline are the same profile); an edit marked
+        # ``identity`` (ARR at lambda = 0, bit-identical by Eq. 6) is the base pass
+        memo, alias, first = {}, {}, {}
         if self.mode == "cached":
             for name, make_edit, _ in configs:
                 key = getattr(make_edit, "key", None)
-                if key is not None and key in self._memo:
+                if key is None or getattr(make_edit, "identity", False):
+                    continue
+                if key in self._memo:
                     memo[name] = self._memo[key]
+                elif key in first:
+                    alias[name] = first[key]
+                else:
+                    first[key] = name
         for bi, batch in self._iter(desc):
             cache = None
             if self.mode == "cached":
@@ -287,10 +300,10 @@ class Engine:
                     if self.keep:
                         self._caches[bi] = cache
             for name, make_edit, start in configs:
-                if make_edit is None and cache is not None:
+                if cache is not None and (make_edit is None or getattr(make_edit, "identity", False)):
                     out[name] += cache.base_ll
                     continue
-                if name in memo:
+                if name in memo or name in alias:
                     continue
                 edit = make_edit() if make_edit is not None else None
                 with edit if edit is not None else _null():
@@ -306,6 +319,8 @@ class Engine:
         for name, make_edit, _ in configs:
             if name in memo:
                 out[name] = memo[name].copy()
+            elif name in alias:
+                out[name] = out[alias[name]].copy()
             elif self.mode == "cached" and self.keep and getattr(make_edit, "key", None) is not None:
                 self._memo[make_edit.key] = out[name].copy()
         return out
@@ -356,4 +371,21 @@ def make_arr(model, phi, lam: float, layers: Sequence[int], profile_layers=None,
     blob = torch.as_tensor(phi).detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     make.key = ("arr", target, float(lam), tuple(sorted(layers)), hashlib.sha256(blob).hexdigest(),
                 None if profile_layers is None else tuple(int(x) for x in profile_layers))
+    make.identity = float(lam) == 0.0  # softmax(z - 0*phi) is z's own routing, bit for bit (SPEC section 5)
+    return make
+
+
+def make_mask(model, pairs) -> Callable:
+    """``make_edit`` masking the (layer, expert) ``pairs`` (fare_models.surgery.ExpertMask)."""
+    from fare_models.surgery import ExpertMask
+
+    pairs = [tuple(p) for p in pairs]
+
+    def make():
+        return ExpertMask(model, pairs)  # validates the pairs
+
+    try:
+        make.key = ("mask", tuple(sorted({(int(layer), int(e)) for layer, e in pairs})))
+    except (TypeError, ValueError):
+        make.key = None  # malformed: ExpertMask raises the error when the configuration runs
     return make

@@ -4,7 +4,8 @@
 transfer -> report, each stage a folder of DIR (resumable, see :mod:`fare_pipeline.stages`).
 ``DIR/report`` holds every table of the paper's sections 5.1-5.5 as CSV + Markdown, the plots and
 ``manifest.json`` (model id, revision, seeds, splits, sizes, versions, stage keys);
-``DIR/timings.json`` holds wall times (kept out of the number files).
+``DIR/timings.json`` holds wall times (kept out of the number files) and ``DIR/work.json`` the
+decoder-layer work per stage (:class:`fare_pipeline.work.LayerWork`; a resumed stage did none).
 """
 
 from __future__ import annotations
@@ -315,6 +316,30 @@ def run(argv: list[str]) -> int:
 
 
 def _run(args) -> int:
+    from .work import LayerWork
+
+    out = Path(args.out)
+    timings: dict[str, float] = {}
+    work: dict[str, dict] = {}
+    t_all = time.perf_counter()
+    counters: list[LayerWork] = []  # the model's, once loaded
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        before = counters[0].snapshot() if counters else None
+        r = fn()
+        timings[name] = round(time.perf_counter() - t, 3)
+        if before is not None:
+            work[name] = {k: v - before[k] for k, v in counters[0].snapshot().items()}
+        return r
+
+    ctx = timed("load_model", lambda: _ctx(args))
+    counters.append(LayerWork(ctx.model))
+    with counters[0]:
+        return _stages(args, ctx, out, timed, timings, work, t_all)
+
+
+def _stages(args, ctx: Ctx, out: Path, timed, timings: dict, work: dict, t_all: float) -> int:
     from fare_models.surgery import RoutingController
 
     from .cli import _versions
@@ -322,17 +347,6 @@ def _run(args) -> int:
     from .stages import run_ablate, run_evaluate, run_layers, run_tune
     from .transfer import run_transfer
 
-    out = Path(args.out)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        r = fn()
-        timings[name] = round(time.perf_counter() - t, 3)
-        return r
-
-    ctx = timed("load_model", lambda: _ctx(args))
     ps = _prompt_set(args, ctx)  # validates axes / emptiness before any heavy work
     resume = not args.no_resume
     import hashlib
@@ -400,6 +414,10 @@ def _run(args) -> int:
     timed("report", lambda: write_report(out, stages, manifest))
     timings["total"] = round(time.perf_counter() - t_all, 3)
     write_json(out / "timings.json", timings)
+    work["total"] = {k: sum(w[k] for w in work.values()) for k in ("token_layer_evals", "layer_calls")}
+    write_json(out / "work.json", {"unit": "token-layer evaluations = positions of each decoder-layer call "
+                                           "(padding included) summed over calls; layer_calls = decoder-layer calls",
+                                   "engine": ctx.engine_mode, "stages": work})
     print(f"FARE report: {out / 'report'} (layers {sel}, lambda* {lam}; {timings['total']:.1f} s)")
     return 0
 

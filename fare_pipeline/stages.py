@@ -34,7 +34,7 @@ from .aals import (
     write_aals,
     write_operating_point,
 )
-from .engine import Engine, make_arr, mc_correct, pair_prefers, perplexity
+from .engine import Engine, make_arr, make_mask, mc_correct, pair_prefers, perplexity
 from .evalsets import build_evalset
 from .tables import write_table
 
@@ -349,7 +349,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     ``stability`` of the shards; random experts and masks are averaged over ``n_random`` seeds. n is
     ``Sizes.baseline_n`` / ``Sizes.mask_n`` per selected layer, clamped so every layer keeps top_k experts.
     """
-    from fare_models.surgery import ExpertMask, RoutingController
+    from fare_models.surgery import RoutingController
     from fare_tasks.stats import bh_family
 
     from . import controls as C
@@ -385,7 +385,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     ms = C.mask_sets(phi, profile_layers, selected, n=n_mask, random_draws=n_random, seed=ctx.seed)
     mask_cfgs = {"top": ms["top"], "bottom": ms["bottom"], **{f"random{i}": d for i, d in enumerate(ms["random"])}}
     for name, pairs in mask_cfgs.items():
-        configs.append((f"mask_{name}", (lambda pairs=pairs: ExpertMask(ctx.model, pairs)), min(l for l, _ in pairs)))
+        configs.append((f"mask_{name}", make_mask(ctx.model, pairs), min(l for l, _ in pairs)))
     ll = eng.score(configs, desc="ablations")
     m = {k: _metrics(ev, v) for k, v in ll.items()}
     b = m["base"]

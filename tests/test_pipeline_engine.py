@@ -10,6 +10,7 @@ from fare_pipeline.engine import (
     build_batches,
     encode_request,
     make_arr,
+    make_mask,
     pack_rows,
 )
 
@@ -99,6 +100,43 @@ def test_work_counts_and_base_reuse(tiny):
     # a later call reuses the kept base pass: only the suffix runs; an identical config is memoised
     cached.score([("base", None, None), ("q", make_arr(model, phi, 2.0, [3]), 3), ("p2", make_arr(model, phi, 1.0, [2]), 2)])
     assert cached.token_layer_evals == P * (4 + 2 + 1)
+
+
+def test_equal_configs_scored_once_and_lambda_zero_is_the_base_pass(tiny):
+    """Exact reuse within one call: configurations with equal keys (same profile bytes, lambda and
+    layers; same mask set in any order) run once, ARR at lambda = 0 runs nothing. Checked against
+    the naive engine, which runs every configuration, and against an independent layer counter."""
+    from fare_pipeline.work import LayerWork
+
+    model, tok = tiny
+    reqs = [encode_request(tok, "", t) for t in ("The nurse helped.", "The nurse left.", "A chef cooked dinner.")]
+    phi = torch.rand(4, 8, generator=torch.Generator().manual_seed(5))
+
+    def configs():
+        return [("base", None, None), ("a", make_arr(model, phi, 1.0, [2]), 2),
+                ("a_again", make_arr(model, phi.clone() ** 1.0, 1.0, [2]), 2),  # power alpha = 1: same bytes
+                ("zero", make_arr(model, phi, 0.0, [1]), 1),
+                ("m", make_mask(model, [(3, 1), (3, 4)]), 3), ("m_again", make_mask(model, [(3, 4), (3, 1)]), 3),
+                ("other", make_arr(model, phi, 2.0, [2]), 2)]
+
+    got = {}
+    for mode in ("naive", "cached"):
+        eng = Engine(model, tok, reqs, mode=mode)
+        with LayerWork(model) as work:
+            got[mode] = eng.score(configs())
+        assert work.token_layer_evals == eng.token_layer_evals  # two independent counts of the same work
+        got[mode + "_work"] = eng.token_layer_evals
+        P = sum(b.positions for b in eng.batches)
+        # naive: 7 full forwards; cached: base (4 layers) + a (2) + m (1) + other (2), nothing for the rest
+        assert eng.token_layer_evals == P * (7 * 4 if mode == "naive" else 4 + 2 + 1 + 2)
+    c, n = got["cached"], got["naive"]
+    assert np.array_equal(c["a"], c["a_again"]) and np.array_equal(c["m"], c["m_again"])
+    assert np.array_equal(c["zero"], c["base"])
+    # the shortcut is exact: the naive engine really runs ARR at lambda = 0 and gets the base bit for bit
+    assert np.array_equal(n["zero"], n["base"])
+    for name in c:
+        np.testing.assert_allclose(c[name], n[name], rtol=1e-5, atol=1e-4)
+    assert not np.allclose(c["a"], c["other"]) and not np.allclose(c["m"], c["base"])
 
 
 def test_bad_requests(tiny):

@@ -25,7 +25,7 @@ def _rows(path: Path) -> list[dict]:
 
 def _numbers(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "timings.json"}
+            if p.is_file() and p.name not in ("timings.json", "work.json")}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,14 @@ def test_run_writes_every_table_and_reruns_byte_identical(two_runs, capsys):
     na, nb = _numbers(a), _numbers(b)
     assert na.keys() == nb.keys() and len(na) > 60
     assert [k for k in na if na[k] != nb[k]] == []
+    # work.json (this invocation's decoder-layer work, counted by hooks) is deterministic too
+    work = json.loads((a / "work.json").read_text())
+    assert (b / "work.json").read_bytes() == (a / "work.json").read_bytes()
+    stages = work["stages"]
+    assert stages["profile"]["token_layer_evals"] > 0 and stages["prompts"]["token_layer_evals"] == 0
+    assert stages["total"]["token_layer_evals"] == sum(v["token_layer_evals"] for k, v in stages.items() if k != "total")
+    # the AALS stage's own engine count (layers/work.json) is the hook count of that stage
+    assert json.loads((a / "layers" / "work.json").read_text())["token_layer_evals"] == stages["layers"]["token_layer_evals"]
     # resume: a rerun skips every finished stage and changes nothing
     capsys.readouterr()
     assert main(["run", "--model", "fare-tiny", "--out", str(a), *SMALL]) == 0
