@@ -315,31 +315,46 @@ def run(argv: list[str]) -> int:
         return _fail("run", e)
 
 
+class _StageLog:
+    """Wall time (timings.json) and decoder-layer work (work.json) of each stage of one invocation."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.work: dict[str, dict] = {}
+        self.counter = None  # a LayerWork on the model, once it is loaded
+
+    def __call__(self, name: str, fn):
+        t = time.perf_counter()
+        before = self.counter.snapshot() if self.counter is not None else None
+        r = fn()
+        self.timings[name] = round(time.perf_counter() - t, 3)
+        if before is not None:
+            self.work[name] = {k: v - before[k] for k, v in self.counter.snapshot().items()}
+        return r
+
+    def write(self, out: Path, engine: str) -> float:
+        self.timings["total"] = round(time.perf_counter() - self.t0, 3)
+        write_json(out / "timings.json", self.timings)
+        self.work["total"] = {k: sum(w[k] for w in self.work.values()) for k in ("token_layer_evals", "layer_calls")}
+        write_json(out / "work.json", {"unit": "token-layer evaluations = positions of each decoder-layer call "
+                                               "(padding included) summed over calls; layer_calls = decoder-layer calls",
+                                       "engine": engine, "stages": self.work})
+        return self.timings["total"]
+
+
 def _run(args) -> int:
     from .work import LayerWork
 
     out = Path(args.out)
-    timings: dict[str, float] = {}
-    work: dict[str, dict] = {}
-    t_all = time.perf_counter()
-    counters: list[LayerWork] = []  # the model's, once loaded
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        before = counters[0].snapshot() if counters else None
-        r = fn()
-        timings[name] = round(time.perf_counter() - t, 3)
-        if before is not None:
-            work[name] = {k: v - before[k] for k, v in counters[0].snapshot().items()}
-        return r
-
+    timed = _StageLog()
     ctx = timed("load_model", lambda: _ctx(args))
-    counters.append(LayerWork(ctx.model))
-    with counters[0]:
-        return _stages(args, ctx, out, timed, timings, work, t_all)
+    timed.counter = LayerWork(ctx.model)
+    with timed.counter:
+        return _stages(args, ctx, out, timed)
 
 
-def _stages(args, ctx: Ctx, out: Path, timed, timings: dict, work: dict, t_all: float) -> int:
+def _stages(args, ctx: Ctx, out: Path, timed: _StageLog) -> int:
     from fare_models.surgery import RoutingController
 
     from .cli import _versions
@@ -412,13 +427,8 @@ def _stages(args, ctx: Ctx, out: Path, timed, timings: dict, work: dict, t_all: 
                    "fare_perplexity (fare_pipeline.evalsets)",
     }
     timed("report", lambda: write_report(out, stages, manifest))
-    timings["total"] = round(time.perf_counter() - t_all, 3)
-    write_json(out / "timings.json", timings)
-    work["total"] = {k: sum(w[k] for w in work.values()) for k in ("token_layer_evals", "layer_calls")}
-    write_json(out / "work.json", {"unit": "token-layer evaluations = positions of each decoder-layer call "
-                                           "(padding included) summed over calls; layer_calls = decoder-layer calls",
-                                   "engine": ctx.engine_mode, "stages": work})
-    print(f"FARE report: {out / 'report'} (layers {sel}, lambda* {lam}; {timings['total']:.1f} s)")
+    total = timed.write(out, ctx.engine_mode)
+    print(f"FARE report: {out / 'report'} (layers {sel}, lambda* {lam}; {total:.1f} s)")
     return 0
 
 
