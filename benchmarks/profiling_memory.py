@@ -108,20 +108,13 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _last_decoder_layer(model):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None or len(layers) == 0:
-        raise RuntimeError(f"{type(model).__name__}: no decoder layers found to hook")
-    return layers[-1]
-
-
 def child(contexts_per_descriptor: int, batch_size: int) -> dict:
     """One measurement in this process (call it in a fresh process: see :func:`measure`)."""
     import gc
 
     import torch
 
+    from fare_pipeline.probe import decoder_parts
     from fare_pipeline.profiling import load_model, record_routing
     from fare_pipeline.prompts import build_prompt_set
 
@@ -147,7 +140,7 @@ def child(contexts_per_descriptor: int, batch_size: int) -> dict:
         inside["max"] = max(inside["max"], live())
 
     h1 = model.register_forward_pre_hook(before_batch)
-    h2 = _last_decoder_layer(model).register_forward_hook(in_layer)
+    h2 = decoder_parts(model)[0][-1].register_forward_hook(in_layer)
     gc.collect()
     gc.freeze()  # pre-existing objects move to the permanent generation: per-batch collections stay cheap
     clear_refs = True
