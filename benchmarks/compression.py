@@ -40,7 +40,7 @@ def child(model_spec: str, method: str, params: dict, calib: dict, threads: int)
 
     from fare_compression import MissingBackendError, apply_compression
     from fare_compression.methods import METHODS as REGISTRY
-    from fare_models.tiny import resolve_pretrained
+    from fare_core.tiny import resolve_pretrained
 
     path, _ = resolve_pretrained(model_spec)
     model = AutoModelForCausalLM.from_pretrained(path).eval()

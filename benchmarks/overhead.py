@@ -22,7 +22,7 @@ from lm_eval.models.huggingface import HFLM
 
 from fare_models.lm import FareMoeLM
 from fare_models.profile import save_profile
-from fare_models.tiny import resolve_pretrained
+from fare_core.tiny import resolve_pretrained
 from fare_tasks.data import read_csv
 
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from fare_models.tiny import resolve_pretrained
+    from fare_core.tiny import resolve_pretrained
     from task_configs import TASK_DIR
 
     pretrained, _ = resolve_pretrained(args.model)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fare_models.adapters import model_type_of, moe_layers
+from fare_core.adapters import model_type_of, moe_layers
 
 from .hooks import check_layout
 from .sparsity import decoder_layers

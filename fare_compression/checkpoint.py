@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fare_models.files import package_versions
+from fare_core.files import package_versions
 
 MANIFEST = "fare_compression.json"
 FORMAT = "fare-compression/1"

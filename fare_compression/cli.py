@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fare_models.tiny import resolve_pretrained
+    from fare_core.tiny import resolve_pretrained
 
     from . import apply_compression
     from .checkpoint import save_compressed

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fare_models.adapters import moe_layers
+from fare_core.adapters import moe_layers
 
 from .calibration import CalibrationSet
 from .hooks import capture_moe, expert_output, selection_counts

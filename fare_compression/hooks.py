@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fare_models.adapters import MoELayer, model_type_of, moe_layers
+from fare_core.adapters import MoELayer, model_type_of, moe_layers
 
 from .calibration import CalibrationSet
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fare_models.adapters import EXPERT_COUNT_FIELDS, MoELayer, moe_layers
+from fare_core.adapters import EXPERT_COUNT_FIELDS, MoELayer, moe_layers
 
 
 def _text_config(model):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fare_models.adapters import model_type_of, moe_layers
+from fare_core.adapters import model_type_of, moe_layers
 
 from .calibration import CalibrationSet
 from .expert_prune import check_ratio

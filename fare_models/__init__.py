@@ -1,3 +1,3 @@
-"""fare-moe model side: MoE adapters, routing surgery and the ``fare_moe`` lm-eval model."""
+"""fare-moe model side: routing surgery, phi profiles and the ``fare_moe`` lm-eval model."""
 
-__all__ = ["adapters", "surgery", "tiny"]
+__all__ = ["surgery", "profile", "lm"]

@@ -30,7 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from .args import FareArgs, init_arg_names, split_model_args
 from .profile import check_profile, load_profile
 from .surgery import ARR, ExpertMask, Recorder, RoutingController
-from .tiny import is_tiny_spec, resolve_pretrained
+from fare_core.tiny import is_tiny_spec, resolve_pretrained
 
 log = logging.getLogger(__name__)
 

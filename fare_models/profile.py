@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write
+from fare_core.files import atomic_write
 
 PROFILE_FORMAT = "fare-phi/1"
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .adapters import MoELayer, adapter_for, model_type_of, moe_layers
-from .files import atomic_write
+from fare_core.adapters import MoELayer, adapter_for, model_type_of, moe_layers
+from fare_core.files import atomic_write
 
 _LINEAR_OPS = (F.linear, torch.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 _TOPK_OPS = (torch.topk, torch.Tensor.topk)

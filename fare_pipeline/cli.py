@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
-
-
-def _versions() -> dict:
-    from fare_models.files import package_versions
-
-    return {"python": platform.python_version(),
-            **package_versions(("fare-moe", "torch", "transformers", "lm_eval", "numpy", "scipy"))}
 
 
 def _load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    from fare_models.tiny import build_tokenizer, is_tiny_spec
+    from fare_core.tiny import build_tokenizer, is_tiny_spec
 
     return build_tokenizer() if is_tiny_spec(spec) else AutoTokenizer.from_pretrained(spec)
 
@@ -82,15 +74,6 @@ def prompts(argv: list[str]) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def run(argv: list[str]) -> int:
-        print(f"fare {name}: not implemented yet in this installation", file=sys.stderr)
-        return 2
-
-    run.__name__ = name
-    return run
-
-
 def _weights(value: str) -> dict:
     out = {}
     for part in value.split(","):
@@ -149,6 +132,6 @@ def profile(argv: list[str]) -> int:
     return 0
 
 
-from .run import ablate, layers, run, transfer, tune  # noqa: E402
+from .run import ablate, layers, run, transfer, tune, versions as _versions  # noqa: E402
 
 __all__ = ["prompts", "profile", "layers", "tune", "ablate", "transfer", "run"]

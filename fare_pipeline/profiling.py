@@ -164,7 +164,7 @@ def load_model(spec: str, *, revision: str | None = None, device: str = "auto", 
     """(model, tokenizer, model_id) for a hub id, local path or ``fare-tiny[:type]``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fare_models.tiny import resolve_pretrained
+    from fare_core.tiny import resolve_pretrained
 
     spec, model_id = resolve_pretrained(spec)
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -21,6 +21,16 @@ from pathlib import Path
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
 from .stages import Ctx, Sizes, key_hash, load_phi, stage, write_json
 
+
+def versions() -> dict:
+    """Python and package versions recorded in every manifest."""
+    import platform
+
+    from fare_core.files import package_versions
+
+    return {"python": platform.python_version(),
+            **package_versions(("fare-moe", "torch", "transformers", "lm_eval", "numpy", "scipy"))}
+
 REPORT_TABLES = {
     "5.1": ["table5_1_routing_sensitivity"],  # fsp_layers.csv (raw digits) is in the folder too
     "5.2": ["table2_group_masking", "table3_architecture", "table4_synthetic_ablation", "table5_cross_architecture"],
@@ -357,7 +367,6 @@ def _run(args) -> int:
 def _stages(args, ctx: Ctx, out: Path, timed: _StageLog) -> int:
     from fare_models.surgery import RoutingController
 
-    from .cli import _versions
     from .profiling import profile_model
     from .stages import run_ablate, run_evaluate, run_layers, run_tune
     from .transfer import run_transfer
@@ -421,7 +430,7 @@ def _stages(args, ctx: Ctx, out: Path, timed: _StageLog) -> int:
                    "crows_validation": "layers/validation_split.json", "crows_test": "evaluate/test_split.json",
                    "rule": "sha256(seed|purpose|id) ranking; first round(n*validation_fraction) = validation"},
         "ppl_source": ctx.ppl_source, "engine": ctx.engine_mode, "selected_layers": sel, "lambda_star": lam,
-        "feasible": op["feasible"], "tune_reason": op["reason"], "versions": _versions(),
+        "feasible": op["feasible"], "tune_reason": op["reason"], "versions": versions(),
         "stage_keys": {s: key_hash(keys[s]) for s in stages},
         "scoring": "direct model log-likelihoods with the lm-eval formulation of fare_crows_pairs / fare_truthfulqa / "
                    "fare_perplexity (fare_pipeline.evalsets)",

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from fare_models.files import atomic_write
+from fare_core.files import atomic_write
 
 from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, bh_family, pair_log_samples, paired_comparison
 

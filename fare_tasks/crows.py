@@ -44,7 +44,7 @@ def resolve_tokenizer(spec, revision: str | None = None):
     """Tokenizer of the evaluated model: ``fare-tiny[:type]``, a local dir or a hub id (no remote code)."""
     from transformers import AutoTokenizer
 
-    from fare_models.tiny import resolve_pretrained
+    from fare_core.tiny import resolve_pretrained
 
     spec, _ = resolve_pretrained(str(spec))
     kwargs = {"revision": revision} if revision else {}

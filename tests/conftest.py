@@ -32,6 +32,6 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     """Local directory of the default ``fare-tiny`` (OLMoE) model + tokenizer."""
-    from fare_models.tiny import tiny_model_path
+    from fare_core.tiny import tiny_model_path
 
     return tiny_model_path("fare-tiny")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from fare_compression import MissingBackendError, apply_compression
 from fare_compression.calibration import build_calibration
 from fare_compression.hcsmoe import agglomerative, naive_average_linkage
-from fare_models.adapters import moe_layers
-from fare_models.tiny import build_tiny_model, build_tokenizer
+from fare_core.adapters import moe_layers
+from fare_core.tiny import build_tiny_model, build_tokenizer
 
 ARCHS = ["olmoe", "qwen3_moe", "mixtral", "ernie4_5_moe"]
 CALIB = {"calib_n": 6, "calib_seq_len": 48, "calib_p": 0.5}
@@ -288,7 +288,7 @@ def test_hc_smoe_reference_options(tok):
 def test_bad_inputs(tok, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from fare_models.tiny import tiny_config
+    from fare_core.tiny import tiny_config
 
     m = build_tiny_model("qwen3_moe")
     for bad in (0, 1, 1.5, -0.1):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fare_compression.prune import prune_experts
-from fare_models.adapters import moe_layers
-from fare_models.tiny import TINY_CONFIGS, build_tiny_model
+from fare_core.adapters import moe_layers
+from fare_core.tiny import TINY_CONFIGS, build_tiny_model
 
 ARCHS = list(TINY_CONFIGS)
 

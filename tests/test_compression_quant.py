@@ -9,8 +9,8 @@ import torch
 
 from fare_compression import apply_compression
 from fare_compression.checkpoint import check_reload, read_manifest, reapply_from_manifest, save_compressed
-from fare_models.adapters import moe_layers
-from fare_models.tiny import build_tiny_model, build_tokenizer
+from fare_core.adapters import moe_layers
+from fare_core.tiny import build_tiny_model, build_tokenizer
 
 ARCHS = ["olmoe", "qwen3_moe", "mixtral", "ernie4_5_moe"]
 CALIB = {"calib_n": 6, "calib_seq_len": 48, "calib_p": 0.5}
@@ -140,7 +140,7 @@ def test_gptq_all_experts_quantised_and_reloads(arch, method, tok, tmp_path):
 
 def test_cli_compress_saves_manifest_and_smaller_model(tmp_path, capsys):
     from fare_models.cli import main as fare_main
-    from fare_models.tiny import tiny_model_path
+    from fare_core.tiny import tiny_model_path
 
     out = tmp_path / "pruned"
     rc = fare_main(["compress", "--model", "fare-tiny:qwen3_moe", "--method", "prune_frequency", "--set", "ratio=0.25",

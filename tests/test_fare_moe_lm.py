@@ -93,7 +93,7 @@ def test_real_token_mask_handles_sequences_ending_in_pad_id(tiny_lm):
 def _dense_model_dir(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fare_models.tiny import build_tokenizer
+    from fare_core.tiny import build_tokenizer
 
     cfg = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                num_key_value_heads=1, intermediate_size=64, vocab_size=258)
@@ -105,7 +105,7 @@ def _dense_model_dir(tmp_path):
 def _doge_moe_dir(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fare_models.tiny import build_tokenizer
+    from fare_core.tiny import build_tokenizer
 
     cfg = AutoConfig.for_model("doge", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                num_key_value_heads=1, intermediate_size=64, vocab_size=258, is_moe=True,

@@ -17,7 +17,7 @@ from fare_pipeline.engine import (
 
 @pytest.fixture(scope="module")
 def tiny():
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
 
     return build_tiny_model("olmoe", seed=0), build_tokenizer()
 
@@ -150,7 +150,7 @@ def test_bad_requests(tiny):
 
 
 def test_half_precision_model_gets_a_mask_of_its_dtype():
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
 
     model, tok = build_tiny_model("olmoe").to(torch.bfloat16), build_tokenizer()
     reqs = [encode_request(tok, "", s) for s in ("The poor man stole it.", "The rich man stole it.")]
@@ -162,7 +162,7 @@ def test_half_precision_model_gets_a_mask_of_its_dtype():
 
 
 def test_sliding_window_models_fall_back_to_padded_rows():
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
 
     model, tok = build_tiny_model("gpt_oss"), build_tokenizer()  # sliding_window=128
     short = [encode_request(tok, "", "The poor man stole it."), encode_request(tok, "", "The rich man stole it.")]

@@ -27,7 +27,7 @@ PLANTED = ["KAZAKH", "QAJAR", "ZULU", "HAUSA"]
 
 @pytest.fixture(scope="module")
 def planted():
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
     from fare_pipeline.prompts import build_prompt_set, load_resources
 
     tok = build_tokenizer()

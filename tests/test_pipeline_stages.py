@@ -50,7 +50,7 @@ def test_crows_split_is_seeded_disjoint_and_complete():
 
 
 def test_evalset_truthfulqa_and_ppl_rows():
-    from fare_models.tiny import build_tokenizer
+    from fare_core.tiny import build_tokenizer
     from fare_pipeline.evalsets import build_evalset
     from fare_pipeline.prompts import build_prompt_set
     from fare_tasks import data
@@ -91,7 +91,7 @@ def test_transfer_scores_by_hand():
 def test_generation_under_arr_zero_is_the_baseline():
     import torch
 
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
     from fare_pipeline.engine import make_arr
     from fare_pipeline.transfer import generate
 

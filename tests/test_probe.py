@@ -22,7 +22,7 @@ def _batch(tok, texts):
 @pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
 def test_suffix_equals_full_forward_under_arr(model_type):
     from fare_models.surgery import ARR, RoutingController
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
 
     model, tok = build_tiny_model(model_type), build_tokenizer()
     ids, am = _batch(tok, ["The nurse answered.", "The female engineer stayed late.", "A chef"])
@@ -57,7 +57,7 @@ def test_scoring_by_hand():
 
 def test_run_probes_cached_equals_naive_with_fewer_layer_evals():
     from fare_models.surgery import ARR, RoutingController
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
     from fare_pipeline.probe import run_probes
 
     model, tok = build_tiny_model("olmoe"), build_tokenizer()
@@ -81,7 +81,7 @@ def test_run_probes_cached_equals_naive_with_fewer_layer_evals():
 
 
 def test_aals_and_tune_drivers_agree_cached_vs_naive():
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
     from fare_pipeline.probe import aals_probe, tune_probe
 
     model, tok = build_tiny_model("olmoe"), build_tokenizer()

@@ -9,7 +9,7 @@ from fare_pipeline.profiling import record_routing
 
 @pytest.fixture(scope="module")
 def tiny():
-    from fare_models.tiny import build_tiny_model, build_tokenizer
+    from fare_core.tiny import build_tiny_model, build_tokenizer
 
     return build_tiny_model("olmoe", seed=0), build_tokenizer()
 

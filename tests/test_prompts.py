@@ -67,7 +67,7 @@ def test_bad_input_errors():
 
 
 def test_token_positions_byte_tokenizer(ps):
-    from fare_models.tiny import build_tokenizer
+    from fare_core.tiny import build_tokenizer
 
     tok = build_tokenizer()  # one token per byte: positions must be exactly the span's characters
     p = next(q for q in ps.demographic if q.group == "Native American")

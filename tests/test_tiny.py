@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from fare_models import tiny
+from fare_core import tiny
 
 
 def _digest(path):

@@ -1,0 +1,1 @@
+"""Study-level analysis: paired comparison of every metric, prompt-matched drift, leaderboards."""

@@ -1,0 +1,1 @@
+"""`fare sweep`: a resumable grid of compression cells, run locally or on Ray."""
