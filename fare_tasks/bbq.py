@@ -27,21 +27,50 @@ FIELDS = (
     "example_id", "question_index", "question_polarity", "context_condition", "category", "answer_info",
     "context", "question", "ans0", "ans1", "ans2", "label",
 )
-META_FIELDS = ("category", "question_index", "example_id", "target_loc")
+META_FIELDS = ("category", "question_index", "example_id", "target_loc", "label_type")
+#: Categories with proper-name targets, reported also as "<category> (names)" by the official script.
+NAME_CATEGORIES = ("Gender_identity", "Race_ethnicity", "Race_x_SES", "Race_x_gender")
+
+
+def _metadata_rows() -> list[tuple[tuple[str, str, int], int, str]]:
+    rows = data.read_csv("bbq", "additional_metadata.csv", required=META_FIELDS)
+    out = []
+    for r in rows:
+        loc = r["target_loc"].strip()
+        out.append(((r["category"], r["question_index"], int(r["example_id"])),
+                    int(float(loc)) if loc not in ("", "NA") else -1, r["label_type"].strip()))
+    return out
+
+
+def target_metadata() -> dict[tuple[str, str, int], tuple[int, str]]:
+    """(category, question_index, example_id) -> (target_loc or -1 for NA, label_type), one per key.
+
+    Duplicated keys (64, all identical) are kept once; a duplicate that disagrees raises DataError.
+    """
+    out: dict[tuple[str, str, int], tuple[int, str]] = {}
+    for key, loc, label_type in _metadata_rows():
+        if out.setdefault(key, (loc, label_type)) != (loc, label_type):
+            raise data.DataError(f"bbq/additional_metadata.csv: key {key} appears twice with different "
+                                 f"target_loc/label_type {out[key]} and {(loc, label_type)}")
+    return out
 
 
 def target_locations() -> dict[tuple[str, str, int], int]:
     """(category, question_index, example_id) -> target_loc (-1 for NA), duplicates dropped."""
-    rows = data.read_csv("bbq", "additional_metadata.csv", required=META_FIELDS)
-    out: dict[tuple[str, str, int], int] = {}
-    for r in rows:
-        key = (r["category"], r["question_index"], int(r["example_id"]))
-        loc = r["target_loc"].strip()
-        out.setdefault(key, int(float(loc)) if loc not in ("", "NA") else -1)
-    return out
+    return {key: loc for key, (loc, _) in target_metadata().items()}
 
 
-def to_doc(row: dict, target_loc: int) -> dict:
+def metadata_summary() -> dict[str, int]:
+    """Counts behind the de-duplication: rows, unique keys, duplicated keys, keys with target_loc NA."""
+    rows = _metadata_rows()
+    seen: dict[tuple, int] = {}
+    for key, _, _ in rows:
+        seen[key] = seen.get(key, 0) + 1
+    return {"rows": len(rows), "keys": len(seen), "duplicated_keys": sum(n > 1 for n in seen.values()),
+            "na_target_keys": len({key for key, loc, _ in rows if loc < 0})}
+
+
+def to_doc(row: dict, target_loc: int, label_type: str = "") -> dict:
     unknown = [int(k[-1]) for k, v in row["answer_info"].items() if v[1] == "unknown"]
     if len(unknown) != 1:
         raise data.DataError(f"bbq/{row['category']}.jsonl example {row['example_id']}: expected one 'unknown' option")
@@ -50,19 +79,19 @@ def to_doc(row: dict, target_loc: int) -> dict:
         "question_index": str(row["question_index"]), "question_polarity": row["question_polarity"],
         "context_condition": row["context_condition"], "context": row["context"], "question": row["question"],
         "choices": [row["ans0"], row["ans1"], row["ans2"]], "label": int(row["label"]),
-        "unknown_loc": unknown[0], "target_loc": target_loc,
+        "unknown_loc": unknown[0], "target_loc": target_loc, "label_type": label_type,
     }
 
 
 def load_docs(category: str | None = None) -> list[dict]:
     if category is not None and category not in CATEGORIES:
         raise ValueError(f"unknown BBQ category {category!r}; allowed: {', '.join(CATEGORIES)}")
-    locs = target_locations()
+    meta = target_metadata()
     docs = []
     for cat in (category,) if category else CATEGORIES:
         for row in data.read_jsonl("bbq", f"{cat}.jsonl", required=FIELDS):
             key = (row["category"], str(row["question_index"]), int(row["example_id"]))
-            docs.append(to_doc(row, locs.get(key, -1)))
+            docs.append(to_doc(row, *meta.get(key, (-1, ""))))
     return docs
 
 
@@ -94,26 +123,37 @@ def process_results(doc: dict, results) -> dict:
     unknown = pred == doc["unknown_loc"]
     correct = int(pred == doc["label"])
     biased = None if unknown or doc["target_loc"] < 0 else int(pred == doc["target_loc"])
-    # compact per-doc value (logged once per metric): (category, context condition, correct, biased)
+    # compact per-doc value (logged once per metric): (category, context condition, correct, biased),
+    # plus label_type ("name" / "label") when the doc has it
     item = (doc["category"], doc["context_condition"], correct, biased)
+    if doc.get("label_type"):
+        item += (doc["label_type"],)
     return {"acc": float(correct), **{name: item for name in METRICS}}
 
 
-def _aggregate(items, score: str, category: str | None) -> float:
+def _aggregate(items, score: str, category: str | None, names: bool | None = None) -> float:
+    """``names``: None = all items of the category; True = only name-proxy items; False = only the others."""
     rows = [
         {"category": cat, "context": cond, "correct": correct, "biased": biased}
-        for cat, cond, correct, biased in items
-        if category is None or cat == category
+        for cat, cond, correct, biased, *label_type in items
+        if (category is None or cat == category) and (names is None or (label_type[:1] == ["name"]) == names)
     ]
     return bbq_scores(rows)[score]
 
 
 SCORES = ("acc_ambig", "acc_disambig", "bias_ambig", "bias_disambig")
-#: metric name -> aggregation, overall and per category (e.g. ``bias_ambig_Race_x_SES``).
+#: metric name -> aggregation, overall and per category (e.g. ``bias_ambig_Race_x_SES``), and for
+#: NAME_CATEGORIES also ``..._names`` / ``..._no_names`` (the official "<category> (names)" / "<category>").
 METRICS = {
     f"{score}{'' if cat is None else '_' + cat}": partial(_aggregate, score=score, category=cat)
     for cat in (None, *CATEGORIES)
     for score in SCORES
 }
+METRICS.update({
+    f"{score}_{cat}_{suffix}": partial(_aggregate, score=score, category=cat, names=names)
+    for cat in NAME_CATEGORIES
+    for suffix, names in (("names", True), ("no_names", False))
+    for score in SCORES
+})
 globals().update({f"agg_{name}": fn for name, fn in METRICS.items()})
 __all__ = ["load", "doc_to_choice", "process_results", *(f"agg_{n}" for n in METRICS)]
