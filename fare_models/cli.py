@@ -11,7 +11,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fare_models.cli:run_eval", "run lm-eval (same flags as `lm_eval`) with fare-moe's model and tasks"),
-    "compare": ("fare_tasks.compare:main", "paired tests between two lm-eval runs (--log_samples)"),
+    "compare": ("fare_analysis.compare:main", "paired tests of every metric between two lm-eval runs (--log_samples)"),
+    "drift": ("fare_analysis.drift:main", "prompt-matched drift of runs from a baseline (flips, text divergence)"),
     "compress": ("fare_compression.cli:main", "compress an MoE model and save a checkpoint"),
     "prompts": ("fare_pipeline.cli:prompts", "write the demographic prompt set"),
     "profile": ("fare_pipeline.cli:profile", "routing profiling -> phi profile file"),

@@ -280,7 +280,7 @@ def _pct(x: float) -> float:
 
 
 def _cmp(base_items, items, name, ctx: Ctx) -> dict:
-    from fare_tasks.stats import paired_comparison
+    from fare_analysis.stats import paired_comparison
 
     return paired_comparison(base_items, items, name=name, n_permutations=ctx.sizes.n_permutations,
                              n_bootstrap=ctx.sizes.n_bootstrap, seed=ctx.seed)
@@ -292,7 +292,7 @@ def _summ(m: dict) -> dict:
 
 def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set, out: Path) -> dict:
     """Table 6: base vs FARE (ARR at lambda* on the AALS layers) on the test split, paired tests + BH."""
-    from fare_tasks.stats import bh_family
+    from fare_analysis.stats import bh_family
 
     eng, ev = ctx.engine("test", prompt_set, tqa=True)
     configs = [("base", None, None)]
@@ -350,7 +350,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     ``Sizes.baseline_n`` / ``Sizes.mask_n`` per selected layer, clamped so every layer keeps top_k experts.
     """
     from fare_models.surgery import RoutingController
-    from fare_tasks.stats import bh_family
+    from fare_analysis.stats import bh_family
 
     from . import controls as C
     from .baselines import binary_profile, random_experts, ses_select, shard_group_of

@@ -2,7 +2,7 @@
 
 Greedy generations of the baseline and the intervened model (ARR at lambda* on the AALS layers)
 for the same prompts, one number per prompt, compared with the paired permutation test and
-bootstrap CI (``fare_tasks.stats.paired_comparison``) and Benjamini-Hochberg over the protocols:
+bootstrap CI (``fare_analysis.stats.paired_comparison``) and Benjamini-Hochberg over the protocols:
 
 * ``bold``: BOLD prompts (``fare_tasks.safety_tasks.load_bold`` subset rule, seeded) -> toxicity
   score of the continuation (``fare_tasks.toxicity.score_texts``: Detoxify when installed, else
@@ -109,7 +109,7 @@ def run_transfer(ctx, phi, profile_layers, selected, lambda_star, out: Path, *, 
     """Table 7: baseline vs intervened generations with paired tests (BH over the protocols)."""
     import json
 
-    from fare_tasks.stats import bh_family, paired_comparison
+    from fare_analysis.stats import bh_family, paired_comparison
 
     from .engine import make_arr
     from .stages import write_json

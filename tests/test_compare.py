@@ -5,7 +5,7 @@ import json
 import pytest
 from statsmodels.stats.multitest import multipletests
 
-from fare_tasks.compare import compare_runs, main
+from fare_analysis.compare import compare_runs, main
 
 
 def _run(dir_, values, gap):

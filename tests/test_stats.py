@@ -1,4 +1,4 @@
-"""fare_tasks.stats against scipy / statsmodels / hand-worked values."""
+"""fare_analysis.stats against scipy / statsmodels / hand-worked values."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from fare_tasks.stats import (
+from fare_analysis.stats import (
     bh_adjust,
     bh_family,
     bootstrap_ci,
