@@ -1,0 +1,203 @@
+"""Run one cell: compress (cached checkpoint) -> lm-eval through ``fare_moe`` -> results folder, atomically.
+
+Layout under the sweep folder ``DIR``::
+
+    cells/<cell_id>/cell.json                 what ran (cell, model_args, checkpoint, worker, timings)
+    cells/<cell_id>/<model>/results_*.json    lm-eval's own output (--log_samples)
+    cells/<cell_id>/<model>/samples_*.jsonl
+    cells/.tmp-<cell_id>-<host>-<pid>/        a cell being computed (renamed into place when complete)
+    checkpoints/<method>__<key>/              compressed checkpoints, by content key (``--cache`` moves them)
+
+A cell folder exists only complete (temp folder + rename), so "done" is "its folder exists".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from .grid import INTERVENTION_PARAMS, Cell
+
+CELL_FILE = "cell.json"
+WORKER_FILE = "worker.json"
+CELL_FORMAT = "fare-sweep-cell/1"
+TMP_PREFIX = ".tmp-"
+
+
+def tmp_name(name: str) -> str:
+    return f"{TMP_PREFIX}{name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
+def checkpoint_dir(cell: Cell, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"{cell.method}__{cell.checkpoint_key()[:24]}"
+
+
+def compression_params(cell: Cell) -> dict:
+    params = dict(cell.params)
+    if cell.calibrated:
+        params.update({f"calib_{k}": v for k, v in cell.calibration.items()})
+        params["calib_p"] = cell.p
+    return params
+
+
+def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str) -> tuple[Path, float, bool]:
+    """The cell's compressed checkpoint: reused when its content key is cached, else compressed now.
+
+    Returns (path, seconds, cached). ``compress_checkpoint`` writes a temp folder and renames it,
+    so a checkpoint folder with its manifest is complete; two workers racing for one key both
+    finish and the second one's rename loses harmlessly.
+    """
+    import fare_compression
+    from fare_compression.checkpoint import MANIFEST
+
+    compress_checkpoint = getattr(fare_compression, "compress_checkpoint", None) or _compress_checkpoint_today
+
+    path = checkpoint_dir(cell, cache_dir)
+    if (path / MANIFEST).is_file():
+        return path, 0.0, True
+    t0 = time.perf_counter()
+    try:
+        compress_checkpoint(cell.model, cell.method, compression_params(cell), out=str(path), device=device,
+                            dtype=dtype, revision=cell.revision)
+    except Exception:
+        if (path / MANIFEST).is_file():  # another worker finished the same checkpoint first
+            return path, time.perf_counter() - t0, True
+        raise
+    return path, time.perf_counter() - t0, False
+
+
+def _compress_checkpoint_today(model, method, params, out, device, dtype, revision=None):
+    """TEMPORARY until fare_compression.compress_checkpoint lands (helper C): whole-model path, atomic."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fare_compression import apply_compression, save_compressed
+    from fare_core.tiny import resolve_pretrained
+
+    path, _ = resolve_pretrained(model)
+    m = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype)).eval()
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    apply_compression(m, method, params, tok)
+    out = Path(out)
+    tmp = out.parent / tmp_name(out.name)
+    try:
+        manifest = save_compressed(m, tok, tmp, base=model)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def model_args(cell: Cell, checkpoint: Path | None, device: str, dtype: str) -> dict:
+    """``fare_moe`` model_args of the cell (JSON-able; lists joined with '|' as the model_arg docs say)."""
+    args: dict = {"pretrained": str(checkpoint) if checkpoint else cell.model, "device": device, "dtype": dtype}
+    if cell.revision and checkpoint is None:
+        args["revision"] = cell.revision
+    if cell.method in INTERVENTION_PARAMS:
+        args["intervention"] = cell.method
+        args.update({k: v for k, v in cell.params.items()})
+    return args
+
+
+def read_done(folder: Path) -> dict | None:
+    f = Path(folder) / CELL_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def run_cell(cell_dict: dict, out_dir: str, cache_dir: str) -> dict:
+    """Compute one cell into ``out_dir/cells/<cell_id>`` (atomic); returns the cell record (cell.json).
+
+    A cell whose folder already exists is not recomputed (its record is returned).
+    """
+    from .evaluate import run_lm_eval
+
+    cell = Cell.from_dict(cell_dict)
+    cells = Path(out_dir) / "cells"
+    final = cells / cell.cell_id()
+    done = read_done(final)
+    if done is not None:
+        return done
+    tmp = cells / tmp_name(cell.cell_id())
+    tmp.mkdir(parents=True)
+    try:
+        worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        (tmp / WORKER_FILE).write_text(json.dumps(worker))
+        t0 = time.perf_counter()
+        device = resolve_device(cell.device)
+        dtype = resolve_dtype(cell.dtype, device)
+        ckpt, compress_s, cached = None, 0.0, False
+        if cell.compressed:
+            ckpt, compress_s, cached = ensure_checkpoint(cell, Path(cache_dir), device, dtype)
+        args = model_args(cell, ckpt, device, dtype)
+        t1 = time.perf_counter()
+        results = run_lm_eval(args, cell.eval, tmp)
+        t2 = time.perf_counter()
+        record = {
+            "format": CELL_FORMAT, "cell_id": cell.cell_id(), "key": cell.key(), "cell": cell.to_dict(),
+            "label": cell.label(), "checkpoint": str(ckpt) if ckpt else None, "checkpoint_cached": cached,
+            "model_args": args, "worker": worker,
+            "timings": {"compress": round(compress_s, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
+            "results_file": str(next(tmp.glob("*/results_*.json")).relative_to(tmp)),
+            "lm_eval_versions": results.get("versions", {}),
+        }
+        (tmp / WORKER_FILE).unlink()
+        (tmp / CELL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if read_done(final) is None:  # not a lost race: a real error
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return read_done(final)
+        return record
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete every temp cell folder in ``folder`` (left by a killed sweep or worker).
+
+    Only the driver calls this, holding the sweep lock before any cell starts and after all have
+    ended, so no live writer owns a temp folder then.
+    """
+    removed = []
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed child not yet reaped) is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
