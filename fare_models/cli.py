@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("fare_pipeline.cli:ablate", "profile controls, baselines and group masking"),
     "transfer": ("fare_pipeline.cli:transfer", "generation transfer with paired tests"),
     "run": ("fare_pipeline.cli:run", "the whole FARE pipeline into one report folder"),
+    "sweep": ("fare_sweep.cli:main", "a resumable compression grid, local or on Ray (`fare sweep status DIR`)"),
 }
 
 
