@@ -18,17 +18,19 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fare_core.errors import FareError
+
 # Canonical routed-expert count fields of transformers configs (aliases resolve to one of these).
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _ROUTER_CLASS_NAME = re.compile(r"Router|Gate$|Gating")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)(?:\.|$)")
 
 
-class NotMoEError(ValueError):
+class NotMoEError(FareError):
     """The model has no routed Mixture-of-Experts layer."""
 
 
-class UnsupportedMoEError(ValueError):
+class UnsupportedMoEError(FareError):
     """The model is a Mixture-of-Experts model of a family fare-moe cannot handle."""
 
 

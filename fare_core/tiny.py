@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fare_core.errors import FareError
+
 TINY_PREFIX = "fare-tiny"
 #: Part of the on-disk cache directory name: bump it whenever the cached model or tokenizer changes, so
 #: a stale cache is rebuilt instead of silently reused. v2: byte tokenizer pre-splits words (use_regex).
@@ -75,7 +77,7 @@ def is_tiny_spec(pretrained) -> bool:
 def parse_tiny_spec(spec: str) -> str:
     model_type = spec.partition(":")[2] or DEFAULT_TINY_TYPE
     if model_type not in TINY_CONFIGS:
-        raise ValueError(
+        raise FareError(
             f"unknown fare-tiny architecture {model_type!r}; allowed: "
             + ", ".join(f"fare-tiny:{t}" for t in TINY_CONFIGS)
         )

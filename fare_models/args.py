@@ -13,6 +13,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from fare_core.errors import FareError
+
 INTERVENTIONS = ("none", "arr", "mask")
 ARR_TARGETS = ("logits", "selection")
 PROFILE_CHECKS = ("model", "shape")
@@ -22,6 +24,8 @@ OWN_ARGS = (
     "intervention", "profile", "lam", "layers", "mask", "arr_target", "profile_check",
     "record_routing", "record_trace", "compression",
 )
+#: Arguments that only mean something with intervention=arr (refused otherwise, never silently ignored).
+ARR_ONLY = ("profile", "lam", "layers", "arr_target", "profile_check")
 COMPRESSION_PREFIX = "compression_"
 _SEP = re.compile(r"[|;\s]+")
 
@@ -48,7 +52,7 @@ def _items(value, name: str) -> list:
         return [value]
     if isinstance(value, str):
         return [v for v in _SEP.split(value.strip().strip("[]")) if v]
-    raise ValueError(f"{name}={value!r} is not a list")
+    raise FareError(f"{name}={value!r} is not a list")
 
 
 def parse_layers(value) -> list[int] | None:
@@ -61,12 +65,12 @@ def parse_layers(value) -> list[int] | None:
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if lo > hi:
-                raise ValueError(f"layers range {text!r} is empty; write low-high, e.g. 2-5")
+                raise FareError(f"layers range {text!r} is empty; write low-high, e.g. 2-5")
             out.extend(range(lo, hi + 1))
         elif re.fullmatch(r"-?\d+", text):
             out.append(int(text))
         else:
-            raise ValueError(
+            raise FareError(
                 f"layers={value!r}: {text!r} is not a layer index; use integers separated by '|' "
                 "(layers=3|5|7), ranges (layers=2-5) or a JSON list"
             )
@@ -83,7 +87,7 @@ def parse_mask(value) -> list[tuple[int, int]]:
         else:
             m = re.fullmatch(r"\s*(-?\d+)\s*:\s*(-?\d+)\s*", str(item))
             if not m:
-                raise ValueError(
+                raise FareError(
                     f"mask entry {item!r} is malformed; write layer:expert pairs separated by '|' "
                     "(mask=3:5|3:7) or a JSON list of [layer, expert] pairs"
                 )
@@ -91,26 +95,26 @@ def parse_mask(value) -> list[tuple[int, int]]:
         try:
             pairs.append((int(a), int(b)))
         except (TypeError, ValueError):
-            raise ValueError(f"mask entry {item!r} is not a pair of integers layer:expert") from None
+            raise FareError(f"mask entry {item!r} is not a pair of integers layer:expert") from None
     return pairs
 
 
 def parse_lam(value) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"lam={value!r} is not a number; lam must be a number >= 0")
+        raise FareError(f"lam={value!r} is not a number; lam must be a number >= 0")
     try:
         lam = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"lam={value!r} is not a number; lam must be a number >= 0") from None
+        raise FareError(f"lam={value!r} is not a number; lam must be a number >= 0") from None
     if math.isnan(lam) or lam < 0 or math.isinf(lam):
-        raise ValueError(f"lam={value!r} is not allowed; lam must be a finite number >= 0")
+        raise FareError(f"lam={value!r} is not allowed; lam must be a finite number >= 0")
     return lam
 
 
 def _choice(name: str, value, allowed) -> str:
     text = str(value).strip().lower()
     if text not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        raise FareError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
     return text
 
 
@@ -128,7 +132,7 @@ def split_model_args(kwargs: dict, passthrough_names) -> tuple[FareArgs, dict]:
             continue
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
         if close:
-            raise ValueError(f"unknown model_args key {key!r}; did you mean {close[0]!r}?")
+            raise FareError(f"unknown model_args key {key!r}; did you mean {close[0]!r}?")
     args = FareArgs()
     args.intervention = _choice("intervention", own.get("intervention", "none"), INTERVENTIONS)
     args.arr_target = _choice("arr_target", own.get("arr_target", "logits"), ARR_TARGETS)
@@ -142,15 +146,16 @@ def split_model_args(kwargs: dict, passthrough_names) -> tuple[FareArgs, dict]:
     args.compression = own.get("compression") or None
     args.compression_params = comp
     if comp and not args.compression:
-        raise ValueError(f"compression parameters {sorted(comp)} given without compression=<method>")
+        raise FareError(f"compression parameters {sorted(comp)} given without compression=<method>")
     if args.intervention == "arr" and not args.profile:
-        raise ValueError("intervention=arr needs profile=<phi .safetensors file> (written by `fare profile`)")
+        raise FareError("intervention=arr needs profile=<phi .safetensors file> (written by `fare profile`)")
     if args.intervention == "mask" and not args.mask:
-        raise ValueError("intervention=mask needs mask=layer:expert|layer:expert ...")
-    if args.intervention != "arr" and args.profile:
-        raise ValueError(f"profile= is only used with intervention=arr (got intervention={args.intervention})")
-    if args.intervention != "mask" and args.mask:
-        raise ValueError(f"mask= is only used with intervention=mask (got intervention={args.intervention})")
+        raise FareError("intervention=mask needs mask=layer:expert|layer:expert ...")
+    only_for = {name: "arr" for name in ARR_ONLY} | {"mask": "mask"}
+    for name, intervention in only_for.items():
+        if args.intervention != intervention and own.get(name) not in (None, ""):
+            raise FareError(f"{name}= is only used with intervention={intervention} "
+                            f"(got intervention={args.intervention}); drop it or set intervention={intervention}")
     return args, kwargs
 
 

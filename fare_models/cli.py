@@ -1,7 +1,9 @@
 """``fare`` console script: ``fare eval ...`` runs lm-eval with fare-moe's registrations.
 
 Other subcommands are registered lazily in :data:`SUBCOMMANDS` as ``"module:function"``; the
-function receives the remaining argv list and returns an exit code.
+function receives the remaining argv list and returns an exit code. :func:`main` turns a
+:class:`~fare_core.errors.FareError` (anywhere in the exception chain) into one line and exit 2, and
+Ctrl-C into "interrupted; rerun the same command to resume" and exit 130 (``FARE_DEBUG=1``: traceback).
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fare_core.errors import report
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fare_models.cli:run_eval", "run lm-eval (same flags as `lm_eval`) with fare-moe's model and tasks"),
     "compare": ("fare_analysis.compare:main", "paired tests of every metric between two lm-eval runs (--log_samples)"),
     "drift": ("fare_analysis.drift:main", "prompt-matched drift of runs from a baseline (flips, text divergence)"),
+    "leaderboard": ("fare_analysis.leaderboard:main", "many runs vs their baselines: Δ with CIs, drift, instability, HTML"),
     "compress": ("fare_compression.cli:main", "compress an MoE model and save a checkpoint"),
     "prompts": ("fare_pipeline.cli:prompts", "write the demographic prompt set"),
     "profile": ("fare_pipeline.cli:profile", "routing profiling -> phi profile file"),
@@ -21,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("fare_pipeline.cli:ablate", "profile controls, baselines and group masking"),
     "transfer": ("fare_pipeline.cli:transfer", "generation transfer with paired tests"),
     "run": ("fare_pipeline.cli:run", "the whole FARE pipeline into one report folder"),
+    "robustness": ("fare_pipeline.robustness:robustness", "section 5.5 robustness checks with paired tests"),
     "sweep": ("fare_sweep.cli:main", "a resumable compression grid, local or on Ray (`fare sweep status DIR`)"),
 }
 
@@ -52,8 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"fare: unknown command {name!r}; allowed: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    target = SUBCOMMANDS[name][0]
-    module_name, _, func_name = target.partition(":")
+    try:
+        return _run(name, rest)
+    except BaseException as e:  # one place for every subcommand: FareError and Ctrl-C as one line
+        code = report(e, f"fare {name}")
+        if code is None:
+            raise
+        return code
+
+
+def _run(name: str, rest: list[str]) -> int:
+    module_name, _, func_name = SUBCOMMANDS[name][0].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

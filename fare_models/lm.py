@@ -20,6 +20,7 @@ compression        a fare_compression method applied before evaluation; its para
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from lm_eval.models.huggingface import HFLM
 from .args import FareArgs, init_arg_names, split_model_args
 from .profile import check_profile, load_profile
 from .surgery import ARR, ExpertMask, Recorder, RoutingController
+from fare_core.errors import FareError
+from fare_core.files import check_writable_dir
 from fare_core.tiny import is_tiny_spec, resolve_pretrained
 
 log = logging.getLogger(__name__)
@@ -42,10 +45,14 @@ class FareMoeLM(HFLM):
     def __init__(self, pretrained="fare-tiny", **kwargs) -> None:
         fare, rest = split_model_args(dict(kwargs), init_arg_names(HFLM))
         self.fare_args: FareArgs = fare
+        for name in ("record_routing", "record_trace"):  # before the (slow) model load
+            if getattr(fare, name):
+                check_writable_dir(getattr(fare, name), name)
         if is_tiny_spec(pretrained):
             pretrained, self.model_id = resolve_pretrained(pretrained)
             rest.setdefault("tokenizer", pretrained)
         else:
+            check_pretrained(pretrained)
             self.model_id = pretrained if isinstance(pretrained, str) else getattr(
                 getattr(pretrained, "config", None), "name_or_path", None)
         if rest.get("device") is None:
@@ -73,8 +80,6 @@ class FareMoeLM(HFLM):
 
     # ------------------------------------------------------------------ interventions
     def _apply_intervention(self, fare: FareArgs) -> None:
-        if fare.layers is not None and fare.intervention != "arr":
-            raise ValueError(f"layers= is only used with intervention=arr (got intervention={fare.intervention})")
         if fare.intervention == "arr":
             profile = load_profile(fare.profile)
             check_profile(profile, self.routing, self.model_id, strict_model=fare.profile_check == "model")
@@ -92,13 +97,27 @@ class FareMoeLM(HFLM):
         self.edits = []
 
     # ------------------------------------------------------------------ routing records
-    def _flush_routing(self) -> None:
+    def _flush_routing(self, complete: bool = True) -> None:
         if self.recorder is None:
             return
         if self.fare_args.record_routing:
-            self.recorder.save(self.fare_args.record_routing)
+            self.recorder.save(self.fare_args.record_routing, complete=complete)
         if self.fare_args.record_trace:
             self.recorder._flush_trace()
+
+    @contextlib.contextmanager
+    def _recording_call(self):
+        """routing.json says ``complete: false`` while requests run, ``true`` once they all returned."""
+        if self.recorder is None:
+            yield
+            return
+        self._flush_routing(complete=False)
+        done = False
+        try:
+            yield
+            done = True
+        finally:
+            self._flush_routing(complete=done)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         if self.recorder is None:
@@ -144,22 +163,16 @@ class FareMoeLM(HFLM):
         return mask
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        try:
+        with self._recording_call():
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._flush_routing()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        try:
+        with self._recording_call():
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._flush_routing()
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        try:
+        with self._recording_call():
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        finally:
-            self._flush_routing()
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -170,3 +183,18 @@ class FareMoeLM(HFLM):
             "moe_layers": [layer.index for layer in self.routing.layers],
         }
         return info
+
+
+def check_pretrained(pretrained) -> None:
+    """A string ``pretrained`` must be a local directory or a well-formed hub id (FareError otherwise)."""
+    if not isinstance(pretrained, str) or Path(pretrained).expanduser().is_dir():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
+        raise FareError(
+            f"pretrained={pretrained!r}: no such directory, and not a valid hub id "
+            "(a hub id is org/name, e.g. allenai/OLMoE-1B-7B-0924)"
+        ) from None

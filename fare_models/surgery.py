@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fare_core.adapters import MoELayer, adapter_for, model_type_of, moe_layers
+from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
 _LINEAR_OPS = (F.linear, torch.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
@@ -105,7 +106,7 @@ class RoutingController:
 
     def layer(self, index: int) -> MoELayer:
         if index not in self.by_index:
-            raise ValueError(
+            raise FareError(
                 f"layer {index!r} is not an MoE layer of this {self.model_type} model; "
                 f"MoE layers: {sorted(self.by_index)}"
             )
@@ -252,12 +253,14 @@ def _phi_rows(controller: RoutingController, phi, profile_layers: Sequence[int] 
         phi = torch.as_tensor(phi, dtype=torch.float32)
         layer_ids = list(profile_layers) if profile_layers is not None else [la.index for la in controller.layers]
         if phi.dim() != 2 or phi.shape[0] != len(layer_ids):
-            raise ValueError(f"phi must have shape [{len(layer_ids)}, E] (one row per MoE layer), got {tuple(phi.shape)}")
+            raise FareError(f"phi must have shape [{len(layer_ids)}, E] (one row per MoE layer), got {tuple(phi.shape)}")
         rows = dict(zip(layer_ids, phi))
     for index, row in rows.items():
         layer = controller.layer(index)
+        if not torch.isfinite(row).all():
+            raise FareError(f"phi row for layer {index} has non-finite values ({row.tolist()}); phi must be finite")
         if row.shape != (layer.num_experts,):
-            raise ValueError(
+            raise FareError(
                 f"phi row for layer {index} has shape {tuple(row.shape)}, the model has {layer.num_experts} experts there"
             )
     return rows
@@ -276,21 +279,21 @@ class ARR(RoutingEdit):
                  profile_layers: Sequence[int] | None = None):
         super().__init__(model)
         if target not in ("logits", "selection"):
-            raise ValueError(f"arr_target={target!r} is not allowed; use 'logits' or 'selection'")
+            raise FareError(f"arr_target={target!r} is not allowed; use 'logits' or 'selection'")
         if target == "selection" and not self.controller.adapter.bias_after_score:
-            raise ValueError(
+            raise FareError(
                 f"arr_target='selection' applies to routers that add a correction bias after the score "
                 f"function (e.g. ernie4_5_moe, deepseek_v3); {self.controller.model_type} has none: use 'logits'"
             )
         lam = float(lam)
         if not lam >= 0:
-            raise ValueError(f"lam={lam!r} is not allowed; lam must be a number >= 0")
+            raise FareError(f"lam={lam!r} is not allowed; lam must be a number >= 0")
         rows = _phi_rows(self.controller, phi, profile_layers)
         chosen = sorted(rows) if layers is None else [int(x) for x in layers]
         for index in chosen:
             self.controller.layer(index)
             if index not in rows:
-                raise ValueError(f"layer {index} has no phi row; the profile covers layers {sorted(rows)}")
+                raise FareError(f"layer {index} has no phi row; the profile covers layers {sorted(rows)}")
         self.lam, self.target, self.layers = lam, target, chosen
         self._penalty = {i: -lam * rows[i] for i in chosen}
         if target == "logits" and self.controller.adapter.bias_after_score and lam > 0:
@@ -343,23 +346,23 @@ class ExpertMask(RoutingEdit):
             try:
                 index, expert = (int(v) for v in pair)
             except (TypeError, ValueError):
-                raise ValueError(f"mask entry {pair!r} is not a (layer, expert) pair of integers") from None
+                raise FareError(f"mask entry {pair!r} is not a (layer, expert) pair of integers") from None
             layer = self.controller.layer(index)
             if not 0 <= expert < layer.num_experts:
-                raise ValueError(f"expert {expert} out of range for layer {index}: allowed 0..{layer.num_experts - 1}")
+                raise FareError(f"expert {expert} out of range for layer {index}: allowed 0..{layer.num_experts - 1}")
             masks.setdefault(index, torch.zeros(layer.num_experts, dtype=torch.bool))[expert] = True
         for index, m in masks.items():
             layer = self.controller.layer(index)
             left = int((~m).sum())
             if left < layer.top_k:
-                raise ValueError(
+                raise FareError(
                     f"masking {int(m.sum())} experts in layer {index} leaves {left}, fewer than top_k={layer.top_k}"
                 )
             n_group = getattr(layer.router, "num_group", None) or 1
             if self.controller.adapter.group_limited and n_group > 1:
                 per_group = (~m).view(n_group, -1).sum(-1)
                 if int(per_group.min()) < 2:
-                    raise ValueError(
+                    raise FareError(
                         f"masking leaves fewer than 2 experts in a routing group of layer {index} "
                         f"(unmasked per group: {per_group.tolist()})"
                     )
@@ -534,9 +537,10 @@ class Recorder(RoutingEdit):
     def layer_indices(self) -> list[int]:
         return [layer.index for layer in self.controller.layers]
 
-    def metadata(self) -> dict:
+    def metadata(self, complete: bool = True) -> dict:
         return {
             "format": "fare-routing/1",
+            "complete": complete,
             "model": self.model_id,
             "model_type": self.controller.model_type,
             "layers": self.layer_indices,
@@ -546,13 +550,17 @@ class Recorder(RoutingEdit):
             "score_fn": self.controller.adapter.score_fn,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write aggregates atomically: ``<path>/routing.safetensors`` (+ JSON metadata) and a long CSV."""
+    def save(self, path: str | os.PathLike, complete: bool = True) -> Path:
+        """Write aggregates atomically: ``<path>/routing.safetensors`` (+ JSON metadata) and a long CSV.
+
+        ``complete=False`` marks a snapshot of a run still in progress (``"complete": false`` in
+        routing.json and the safetensors metadata); a run that stops there leaves it marked partial.
+        """
         from safetensors.torch import save_file
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        meta = self.metadata()
+        meta = self.metadata(complete)
         tensors = {"counts": self.counts, "prob_sums": self.prob_sums, "tokens": self.tokens}
         atomic_write(out / "routing.safetensors", lambda p: save_file(tensors, str(p), metadata={"fare": json.dumps(meta)}))
         atomic_write(out / "routing.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))

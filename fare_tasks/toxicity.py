@@ -92,9 +92,15 @@ def resolved_name(spec: str) -> str:
         return spec
     if detoxify_available():
         return "detoxify"
+    _notice_lexicon_fallback()
+    return "lexicon"
+
+
+@lru_cache(maxsize=1)
+def _notice_lexicon_fallback() -> None:
+    """Say once per process that ``auto`` fell back to the lexicon scorer."""
     log.warning("detoxify is not installed: fare toxicity uses the crude 'lexicon' scorer; "
                 "install fare-moe[toxicity] for Detoxify (the documented default)")
-    return "lexicon"
 
 
 def score_texts(texts: list[str]) -> tuple[str, list[float]]:

@@ -12,6 +12,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from fare_core.errors import FareError
 from fare_models.lm import FareMoeLM
 from fare_models.profile import save_profile
 from fare_models.surgery import RoutingController
@@ -79,6 +80,26 @@ def test_record_routing_counts_real_tokens_only(tmp_path):
     assert meta["layers"] == [0, 1, 2, 3] and meta["groups"] == ["all"] and meta["model"] == "fare-tiny:olmoe"
     assert tensors["tokens"].tolist() == [[expected]] * 4
     assert tensors["counts"].sum(1).tolist() == [[expected * 2]] * 4  # top-2
+    assert meta["complete"] is True and _["complete"] is True
+
+
+def test_record_routing_of_an_interrupted_run_is_marked_partial(tmp_path):
+    out = tmp_path / "routing"
+    lm = FareMoeLM(pretrained="fare-tiny", batch_size=4, record_routing=str(out))
+    seen = []
+
+    def interrupted(requests, **kwargs):  # lm-eval's batch loop, stopped by Ctrl-C half-way
+        seen.append(json.loads((out / "routing.json").read_text())["complete"])
+        raise KeyboardInterrupt
+
+    lm._loglikelihood_tokens = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        lm.loglikelihood(ll_requests([("A", "B")]), disable_tqdm=True)
+    assert seen == [False]  # marked partial while the requests run
+    assert json.loads((out / "routing.json").read_text())["complete"] is False
+    del lm._loglikelihood_tokens
+    lm.loglikelihood(ll_requests([("A", "B")]), disable_tqdm=True)
+    assert json.loads((out / "routing.json").read_text())["complete"] is True
 
 
 def test_real_token_mask_handles_sequences_ending_in_pad_id(tiny_lm):
@@ -115,8 +136,15 @@ def _doge_moe_dir(tmp_path):
     return str(tmp_path / "doge")
 
 
-def _profile(tmp_path, shape=(4, 8), model="fare-tiny:olmoe", model_type="olmoe", layers=(0, 1, 2, 3)):
-    return str(save_profile(tmp_path / "p.safetensors", torch.rand(*shape), list(layers)[: shape[0]], model, model_type))
+def _profile(tmp_path, shape=(4, 8), model="fare-tiny:olmoe", model_type="olmoe", layers=(0, 1, 2, 3), fill=None):
+    phi = torch.rand(*shape) if fill is None else torch.full(shape, fill)
+    return str(save_profile(tmp_path / "p.safetensors", phi, list(layers)[: shape[0]], model, model_type))
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "phi.txt"
+    path.write_text("not a profile\n")
+    return str(path)
 
 
 BAD_INPUTS = {
@@ -140,6 +168,25 @@ BAD_INPUTS = {
                             r"unknown model_args key 'lamda'; did you mean 'lam'\?"),
     "misspelled hf argument": (lambda t: dict(batchsize=4), r"unknown model_args key 'batchsize'; did you mean 'batch_size'\?"),
     "unknown tiny architecture": (lambda t: dict(pretrained="fare-tiny:llama"), r"unknown fare-tiny architecture 'llama'"),
+    "mistyped local path": (lambda t: dict(pretrained="/data/olmo3"),
+                            r"pretrained='/data/olmo3': no such directory, and not a valid hub id"),
+    "missing profile": (lambda t: dict(intervention="arr", profile=str(t / "nope.safetensors")),
+                        r"profile='.*nope.safetensors': no such file"),
+    "profile not safetensors": (lambda t: dict(intervention="arr", profile=_text_file(t)),
+                                r"profile '.*phi.txt' is not a safetensors file"),
+    "NaN profile": (lambda t: dict(intervention="arr", profile=_profile(t, fill=float("nan"))),
+                    r"has 32 non-finite phi values \(first: nan at layer 0, expert 0\); phi must be finite"),
+    "inf profile": (lambda t: dict(intervention="arr", profile=_profile(t, fill=float("inf"))),
+                    r"32 non-finite phi values \(first: inf"),
+    "lam without arr": (lambda t: dict(lam=5), r"lam= is only used with intervention=arr \(got intervention=none\)"),
+    "arr_target without arr": (lambda t: dict(intervention="mask", mask="0:1", arr_target="selection"),
+                               r"arr_target= is only used with intervention=arr \(got intervention=mask\)"),
+    "profile_check without arr": (lambda t: dict(profile_check="shape"), r"profile_check= is only used with intervention=arr"),
+    "layers without arr": (lambda t: dict(layers="1|2"), r"layers= is only used with intervention=arr"),
+    # checked before the model loads: the missing model directory would fail otherwise
+    "unwritable record_routing": (lambda t: dict(pretrained=str(t / "no-model"), record_routing="/proc/x"),
+                                  r"record_routing='/proc/x' is not writable .*give a directory you can write to"),
+    "record_trace is a file": (lambda t: dict(record_trace=_text_file(t)), r"record_trace='.*phi.txt' is a file"),
 }
 
 
@@ -147,7 +194,7 @@ BAD_INPUTS = {
 def test_bad_model_args_give_one_line_errors(case, tmp_path):
     make, message = BAD_INPUTS[case]
     kwargs = {"pretrained": "fare-tiny", **make(tmp_path)}
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(FareError, match=message) as info:
         FareMoeLM(**kwargs)
     assert "\n" not in str(info.value)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fare_compression.prune import prune_experts
+from fare_core.errors import FareError
 from fare_models.surgery import ARR, ExpertMask, Recorder, RoutingController, RoutingEdit, load_routing
 from fare_core.tiny import TINY_CONFIGS, build_tiny_model
 
@@ -268,8 +269,9 @@ def test_bad_edits_give_clear_errors():
         (lambda: ARR(model, phi, lam=1.0, target="selection"), "arr_target='selection'"),
         (lambda: ExpertMask(model, [(0, 8)]), "expert 8 out of range"),
         (lambda: ExpertMask(model, [(0, e) for e in range(7)]), "fewer than top_k"),
+        (lambda: ARR(model, torch.where(torch.arange(8) == 3, float("nan"), phi), lam=1.0), "non-finite values"),
     ]
     for make, message in cases:
-        with pytest.raises(ValueError, match=message) as info:
+        with pytest.raises(FareError, match=message) as info:
             make()
         assert "\n" not in str(info.value)
