@@ -1,111 +1,329 @@
-"""Paired comparison of two lm-eval runs from their ``--log_samples`` files.
+"""Paired comparison of every metric of two runs from their ``--log_samples`` files (SPEC section 12).
 
-``fare compare BASELINE_DIR INTERVENED_DIR [--out DIR]`` finds ``samples_<task>_*.jsonl`` in both
-output folders, pairs every numeric per-item metric by ``doc_hash`` (fare_tasks.stats), and
-reports the mean difference (intervened - baseline), its bootstrap 95% CI and the paired
-permutation p-value, with Benjamini-Hochberg adjustment across all rows (SPEC section 9).
-Writes ``comparison.csv`` and ``comparison.md``; prints the Markdown table.
+``fare compare BASE RUN [--strict] [--out DIR]`` pairs the two runs' items by ``doc_hash`` and,
+for every metric of every task both runs logged:
+
+* ``mean`` metrics (lm-eval aggregation ``mean``): mean of per-item differences RUN - BASE, paired
+  bootstrap 95% CI (1,000 resamples) and paired sign-flip permutation p-value (10,000);
+* ``partial`` metrics - means logged on only some items (XSTest ``over_refusal`` / ``refusal_<type>``,
+  HarmBench and BOLD categories, items whose judge returned None): the same, on the items where
+  both runs logged a value;
+* ``aggregate`` metrics (CrowS parity gap / pref_*, BBQ s_DIS / s_AMB overall and per category,
+  StereoSet ss / lms / ICAT, perplexities): the task's own aggregation function (resolved through
+  the installed lm-eval task config) recomputed on bootstrap resamples of paired items (CI) and on
+  label-swapped paired items (permutation p-value, 2,000 by default: each one calls the function).
+
+Benjamini-Hochberg adjusted p-values across the table. Items of one run only give a warning with
+the counts (``--strict`` refuses); settings that change numbers (batch size, dtype, max length, chat
+template, fewshot, limit, judge, ...) give one warning naming each differing key; every metric that
+could not be compared is listed with the reason. Writes ``comparison.csv`` (compared rows, then the
+``not compared`` rows with their reason) and ``comparison.md``; prints the Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import inspect
+import math
 import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
+from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
-from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, bh_family, pair_log_samples, paired_comparison
+from .runs import Run, iter_samples, load_run
+from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, aggregate_comparison, bh_family, paired_comparison
 
-COLUMNS = ["task", "metric", "n", "mean_a", "mean_b", "delta", "ci_low", "ci_high", "pvalue", "pvalue_bh",
-           "n_permutations", "n_bootstrap", "seed"]
-
-
-def sample_files(run_dir: Path) -> dict[str, Path]:
-    """{task: newest samples file} under an lm-eval ``--output_path`` folder."""
-    found: dict[str, Path] = {}
-    for path in sorted(Path(run_dir).rglob("samples_*.jsonl")):
-        task = path.name[len("samples_"):].rsplit("_", 1)[0]
-        found[task] = path  # sorted by name: the timestamp suffix makes the last one the newest
-    if not found:
-        raise ValueError(f"no samples_*.jsonl under {str(run_dir)!r}; run lm_eval with --log_samples --output_path")
-    return found
+DEFAULT_AGG_PERMUTATIONS = 2_000
+COLUMNS = ["task", "metric", "kind", "aggregation", "n", "n_only_base", "n_only_run", "mean_a", "mean_b", "delta",
+           "ci_low", "ci_high", "pvalue", "pvalue_bh", "n_permutations", "n_bootstrap", "seed", "reason"]
 
 
-def mean_metrics(run_dir: Path) -> dict[str, list[str]]:
-    """{task: metrics aggregated by a plain mean}, read from the run's results_*.json configs.
+@dataclass
+class Comparison:
+    """Rows of compared metrics, the metrics left out (with the reason) and warnings."""
 
-    Only those are compared item by item: the sign-flip permutation test and the bootstrap of the
-    mean difference test a difference of means (a parity gap |pref - 0.5| or a BBQ bias score is
-    not a mean of its per-item values).
+    base: Run
+    run: Run
+    rows: list[dict] = field(default_factory=list)
+    not_compared: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ aggregation functions
+
+
+@lru_cache(maxsize=1)
+def _fare_task_index() -> dict:
+    from lm_eval.tasks._index import TaskIndex
+
+    from fare_tasks import TASK_DIR
+
+    return TaskIndex.build([Path(TASK_DIR)])
+
+
+@lru_cache(maxsize=1)
+def _lm_eval_task_index() -> dict:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
+
+
+@lru_cache(maxsize=None)
+def installed_metric_list(task: str) -> tuple:
+    """``metric_list`` of the installed lm-eval config of ``task`` with ``!function`` resolved.
+
+    Looked up by task name (fare-moe's task_configs first, then lm-eval's own tasks), never from a
+    path recorded in the run: a results file does not decide which code runs.
     """
-    out: dict[str, list[str]] = {}
-    for path in sorted(Path(run_dir).rglob("results_*.json")):
-        configs = json.loads(path.read_text()).get("configs", {})
-        for task, cfg in configs.items():
-            out[task] = [m["metric"] for m in cfg.get("metric_list", []) if m.get("aggregation") == "mean"]
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = _fare_task_index().get(task) or _lm_eval_task_index().get(task)
+    if entry is None or entry.yaml_path is None:
+        return ()
+    return tuple(load_yaml(entry.yaml_path, resolve_func=True).get("metric_list") or ())
+
+
+def resolve_aggregation(task: str, metric: str, logged) -> tuple[Callable | None, str]:
+    """(the task's own aggregation function, note). ``logged`` is the run's ``aggregation`` entry."""
+    if isinstance(logged, str) and "(" not in logged and " " not in logged:
+        from lm_eval.api.registry import get_aggregation
+
+        fn = get_aggregation(logged)
+        return fn, "" if fn else f"aggregation {logged!r} is not registered in lm-eval"
+    installed = {m.get("metric"): m.get("aggregation") for m in installed_metric_list(task)}
+    fn = installed.get(metric)
+    if isinstance(fn, str):
+        return resolve_aggregation(task, metric, fn)
+    if not callable(fn):
+        return None, f"no installed lm-eval config of task {task} defines an aggregation for {metric}"
+    note = ""
+    if isinstance(logged, str) and logged.startswith("def "):
+        try:
+            if inspect.getsource(fn).strip() != logged.strip():
+                note = "the installed aggregation's code differs from the one the run logged"
+        except (OSError, TypeError):
+            pass
+    return fn, note
+
+
+# ------------------------------------------------------------------------ pairing
+
+
+def _read_task(run: Run, task: str) -> tuple[dict, list[str]]:
+    """{(filter, key): values} of one task, and its filters in first-seen order."""
+    items, filters = {}, []
+    for rec in iter_samples(run, task):
+        if rec["filter"] not in filters:
+            filters.append(rec["filter"])
+        items[(rec["filter"], rec["key"])] = rec["values"]
+    return items, filters
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def config_differences(base: Run, run: Run, tasks: list[str]) -> list[str]:
+    """``key: base vs run`` for every setting that differs (per-task settings on shared tasks only)."""
+    out = []
+    for key in sorted(base.eval_config.keys() | run.eval_config.keys()):
+        a, b = base.eval_config.get(key), run.eval_config.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key in ("fewshot", "judge", "task_versions"):
+            a = {t: a.get(t) for t in tasks if t in a or t in b}
+            b = {t: b.get(t) for t in tasks if t in a or t in b}
+        if a != b:
+            out.append(f"{key} {a!r} vs {b!r}")
     return out
 
 
-def compare_runs(baseline: Path, intervened: Path, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
-                 n_bootstrap: int = DEFAULT_BOOTSTRAP) -> list[dict]:
-    a_files, b_files = sample_files(baseline), sample_files(intervened)
-    common = sorted(a_files.keys() & b_files.keys())
+def _require_samples(run: Run, role: str) -> None:
+    if run.kind != "lm-eval" or not run.tasks:
+        raise FareError(f"{run.path}: a {run.kind} folder without lm-eval samples cannot be {role}; pass an "
+                        "lm-eval --output_path folder written with --log_samples")
+
+
+def check_pair(base: Run, run: Run, *, allow_other_model: bool = False) -> list[str]:
+    """Shared tasks of two runs; one-line errors for runs of different models or with no shared task."""
+    _require_samples(base, "compared")
+    _require_samples(run, "compared")
+    if base.identity["model"] != run.identity["model"] and not allow_other_model:
+        raise FareError(f"{run.path} evaluates {run.identity['model']!r} but the base {base.path} evaluates "
+                        f"{base.identity['model']!r}; compare runs of one model (or pass --allow-other-model)")
+    common = sorted(base.tasks.keys() & run.tasks.keys())
     if not common:
-        raise ValueError(f"the two runs share no task: {sorted(a_files)} vs {sorted(b_files)}")
-    means = mean_metrics(baseline)
-    rows = []
-    for task in common:
-        for metric in means.get(task, []):
+        raise FareError(f"{base.path} (tasks {', '.join(sorted(base.tasks))}) and {run.path} (tasks "
+                        f"{', '.join(sorted(run.tasks))}) share no task; evaluate the same --tasks in both")
+    return common
+
+
+def _as_run(x) -> Run:
+    return x if isinstance(x, Run) else load_run(x)
+
+
+def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
+                 n_bootstrap: int = DEFAULT_BOOTSTRAP, n_agg_permutations: int = DEFAULT_AGG_PERMUTATIONS,
+                 strict: bool = False, allow_other_model: bool = False, progress=None) -> Comparison:
+    """Compare every metric of ``run`` with ``base`` (see the module docstring); BH is the caller's."""
+    base, run = _as_run(base), _as_run(run)
+    common = check_pair(base, run, allow_other_model=allow_other_model)
+    cmp = Comparison(base=base, run=run)
+    for task in sorted(base.tasks.keys() ^ run.tasks.keys()):
+        where = base if task in base.tasks else run
+        cmp.not_compared.append({"task": task, "metric": "*", "reason": f"task logged only in {where.path}"})
+    if cmp.not_compared:
+        cmp.warnings.append(f"tasks of one run only (not compared): {', '.join(r['task'] for r in cmp.not_compared)}")
+    diffs = config_differences(base, run, common)
+    if diffs:
+        cmp.warnings.append("settings that change numbers differ: " + "; ".join(diffs))
+    for i, task in enumerate(common, 1):
+        if progress:
+            progress(f"compare: {task} ({i}/{len(common)})")
+        _compare_task(cmp, task, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+                      n_agg_permutations=n_agg_permutations, strict=strict)
+    return cmp
+
+
+def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstrap, n_agg_permutations, strict):
+    base, run = cmp.base, cmp.run
+    a_items, filters = _read_task(base, task)
+    b_items, b_filters = _read_task(run, task)
+    filters += [f for f in b_filters if f not in filters]
+    shared = [k for k in a_items if k in b_items]
+    only_a, only_b = len(a_items) - len(shared), len(b_items) - len(shared)
+    if only_a or only_b:
+        msg = (f"{task}: {len(a_items)} items in {base.path}, {len(b_items)} in {run.path}; {only_a} only in the "
+               f"base, {only_b} only in the run")
+        if strict:
+            raise FareError(f"{msg}; --strict refuses (drop --strict to compare the {len(shared)} shared items)")
+        cmp.warnings.append(f"{msg}: compared on the {len(shared)} shared items")
+    if not shared:
+        cmp.not_compared.append({"task": task, "metric": "*", "reason": "no item (doc_hash) in both runs"})
+        return
+    cfg = base.task_configs.get(task) or run.task_configs.get(task) or {}
+    metric_list = list(cfg.get("metric_list") or [])
+    listed = {m.get("metric") for m in metric_list}
+    logged = {m for v in a_items.values() for m in v} | {m for v in b_items.values() for m in v}
+    metric_list += [{"metric": m, "aggregation": "mean"} for m in sorted(logged - listed)]
+    for spec in metric_list:
+        metric = spec.get("metric")
+        for flt in filters:
+            name = metric if len(filters) == 1 else f"{metric},{flt}"
+            keys = [k for k in shared if k[0] == flt]
+            row = {"task": task, "metric": name}
+            a_has = sum(1 for k, v in a_items.items() if k[0] == flt and metric in v)
+            b_has = sum(1 for k, v in b_items.items() if k[0] == flt and metric in v)
+            pairs = [(a_items[k][metric], b_items[k][metric]) for k in keys
+                     if metric in a_items[k] and metric in b_items[k]]
+            if not a_has and not b_has:
+                cmp.not_compared.append({**row, "reason": "logged on no item of either run (no evaluated item of this subset)"})
+                continue
+            if not pairs:
+                cmp.not_compared.append({**row, "reason": f"logged on {a_has} base and {b_has} run items but on no "
+                                                          "item both runs have"})
+                continue
+            agg = spec.get("aggregation", "mean")
+            row.update(n_only_base=a_has - len(pairs), n_only_run=b_has - len(pairs),
+                       aggregation=agg if isinstance(agg, str) and len(agg) < 40 else "task function")
             try:
-                paired = pair_log_samples(a_files[task], b_files[task], metric, strict=False)
-            except ValueError:
-                continue  # metric not numeric per item (custom aggregation inputs)
-            result = paired_comparison(paired.a, paired.b, name=f"{task}/{metric}", seed=seed,
-                                       n_permutations=n_permutations, n_bootstrap=n_bootstrap)
-            rows.append({"task": task, "metric": metric, **result})
-    return bh_family(rows) if rows else rows
+                if agg == "mean":
+                    nums = [(_number(a), _number(b)) for a, b in pairs]
+                    nums = [(a, b) for a, b in nums if a is not None and b is not None]
+                    if not nums:
+                        cmp.not_compared.append({**row, "reason": "mean metric without finite numeric per-item values"})
+                        continue
+                    kind = "mean" if len(nums) == len(keys) else "partial"
+                    res = paired_comparison([a for a, _ in nums], [b for _, b in nums], name=f"{task}/{name}",
+                                            seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
+                else:
+                    fn, note = resolve_aggregation(task, metric, agg)
+                    if fn is None:
+                        cmp.not_compared.append({**row, "reason": note})
+                        continue
+                    if note:
+                        cmp.warnings.append(f"{task}/{name}: {note}; recomputed with the installed one")
+                    kind = "aggregate"
+                    res = aggregate_comparison([a for a, _ in pairs], [b for _, b in pairs], fn,
+                                               name=f"{task}/{name}", seed=seed, n_permutations=n_agg_permutations,
+                                               n_bootstrap=n_bootstrap)
+            except ValueError as e:
+                cmp.not_compared.append({**row, "reason": str(e)})
+                continue
+            cmp.rows.append({**row, "kind": kind, **{k: v for k, v in res.items() if k != "name"}})
 
 
-def to_markdown(rows: list[dict]) -> str:
-    head = "| task | metric | n | baseline | intervened | delta | 95% CI | p | p (BH) |\n|---|---|---|---|---|---|---|---|---|\n"
-    body = "".join(
-        f"| {r['task']} | {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | {r['delta']:+.4f} | "
-        f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['pvalue']:.4g} | {r['pvalue_bh']:.4g} |\n"
-        for r in rows
-    )
-    return head + body
+# ------------------------------------------------------------------------ output
 
 
-def write(rows: list[dict], out: Path) -> None:
+def _fmt(x, spec="+.4f") -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def to_markdown(cmp_or_rows, not_compared=(), warnings=()) -> str:
+    if isinstance(cmp_or_rows, Comparison):
+        rows, not_compared, warnings = cmp_or_rows.rows, cmp_or_rows.not_compared, cmp_or_rows.warnings
+    else:
+        rows = cmp_or_rows
+    lines = ["| task | metric | kind | n | base | run | delta | 95% CI | p | p (BH) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        n = f"{r['n']}" + (f" (+{r['n_only_base']}/{r['n_only_run']} unpaired)"
+                           if r.get("n_only_base") or r.get("n_only_run") else "")
+        lines.append(f"| {r['task']} | {r['metric']} | {r.get('kind', 'mean')} | {n} | {_fmt(r['mean_a'], '.4f')} | "
+                     f"{_fmt(r['mean_b'], '.4f')} | {_fmt(r['delta'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | "
+                     f"{r['pvalue']:.4g} | {_fmt(r.get('pvalue_bh'), '.4g')} |")
+    if not_compared:
+        lines += ["", "Not compared, because ...", ""]
+        lines += [f"- {r['task']} / {r['metric']}: {r['reason']}" for r in not_compared]
+    if warnings:
+        lines += ["", "Warnings", ""] + [f"- {w}" for w in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def write(cmp: Comparison, out: Path) -> None:
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(cmp.rows)
+            writer.writerows({**r, "kind": "not compared"} for r in cmp.not_compared)
 
     atomic_write(out / "comparison.csv", write_csv)
-    atomic_write(out / "comparison.md", lambda tmp: tmp.write_text(to_markdown(rows)))
+    atomic_write(out / "comparison.md", lambda tmp: tmp.write_text(to_markdown(cmp)))
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fare compare", description=__doc__.splitlines()[0])
-    ap.add_argument("baseline", type=Path, help="lm-eval --output_path of the baseline run")
-    ap.add_argument("intervened", type=Path, help="lm-eval --output_path of the intervened run")
+    ap.add_argument("base", type=Path, help="lm-eval --output_path of the base run (--log_samples)")
+    ap.add_argument("run", type=Path, help="lm-eval --output_path of the run to compare with it")
     ap.add_argument("--out", type=Path, default=None, help="folder for comparison.csv / comparison.md")
+    ap.add_argument("--strict", action="store_true", help="refuse when an item is in one run only")
+    ap.add_argument("--allow-other-model", action="store_true", help="compare runs of different models")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS)
+    ap.add_argument("--agg-permutations", type=int, default=DEFAULT_AGG_PERMUTATIONS,
+                    help="label-swap permutations for aggregate metrics (each recomputes the aggregate)")
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
     args = ap.parse_args(argv)
-    try:
-        rows = compare_runs(args.baseline, args.intervened, seed=args.seed, n_permutations=args.permutations,
-                            n_bootstrap=args.bootstrap)
-    except ValueError as e:
-        print(f"fare compare: {e}", file=sys.stderr)
-        return 2
+    for flag in ("permutations", "agg_permutations", "bootstrap"):
+        if getattr(args, flag) < 1:
+            raise FareError(f"--{flag.replace('_', '-')}={getattr(args, flag)}; allowed: a positive integer")
+    cmp = compare_runs(args.base, args.run, seed=args.seed, n_permutations=args.permutations,
+                       n_bootstrap=args.bootstrap, n_agg_permutations=args.agg_permutations, strict=args.strict,
+                       allow_other_model=args.allow_other_model,
+                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if cmp.rows:
+        cmp.rows = bh_family(cmp.rows)
+    for w in cmp.warnings:
+        print(f"fare compare: warning: {w}", file=sys.stderr)
     if args.out:
-        write(rows, args.out)
-    print(to_markdown(rows))
+        write(cmp, args.out)
+    print(to_markdown(cmp))
     return 0

@@ -4,6 +4,8 @@
   (10,000 permutations by default, two-sided, seeded; exhaustive when 2**n <= n_resamples).
 * :func:`bootstrap_ci` - seeded bootstrap confidence interval (1,000 resamples, 95 %) for any
   statistic of one sample or of paired samples; percentile, basic or BCa.
+* :func:`label_swap_test` / :func:`aggregate_comparison` - the same for an aggregate metric
+  (parity gap, bias score, ICAT, ...) recomputed by the task's own function on paired items.
 * :func:`bh_adjust` - Benjamini-Hochberg adjusted p-values across a family of comparisons.
 * :func:`pair_log_samples` - pair two lm-eval ``--log_samples`` JSONL files by ``doc_hash``.
 
@@ -129,14 +131,60 @@ def paired_permutation_test(
         [np.asarray(stat(s * d, axis=-1), dtype=np.float64) for s in _sign_patterns(n, exact, n_resamples, rng, batch)]
     )
     used = n_max if exact else n_resamples
+    return PermutationResult(
+        statistic=observed, pvalue=_permutation_pvalue(null, observed, exact, alternative), n=n, n_resamples=used,
+        exact=bool(exact), seed=int(seed), alternative=alternative,
+    )
+
+
+def _permutation_pvalue(null: np.ndarray, observed: float, exact: bool, alternative: str) -> float:
+    """scipy.stats.permutation_test's p-value: tolerance 100*eps*|observed|, +1 for Monte-Carlo draws."""
     adjustment = 0 if exact else 1
+    used = null.size
     gamma = abs(np.finfo(np.float64).eps * 100 * observed)
     p_less = (np.count_nonzero(null <= observed + gamma) + adjustment) / (used + adjustment)
     p_greater = (np.count_nonzero(null >= observed - gamma) + adjustment) / (used + adjustment)
     p = {"less": p_less, "greater": p_greater, "two-sided": 2 * min(p_less, p_greater)}[alternative]
+    return float(min(max(p, 0.0), 1.0))
+
+
+def label_swap_test(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    *,
+    n_resamples: int = DEFAULT_PERMUTATIONS,
+    seed: int = 0,
+    alternative: str = "two-sided",
+    exact: bool | None = None,
+) -> PermutationResult:
+    """Paired permutation test of any statistic of two runs' paired items (SPEC section 12).
+
+    ``statistic(swap)`` gets a boolean vector over the n paired items (True = the two runs' records
+    of that item are exchanged) and returns e.g. aggregate(run) - aggregate(base) recomputed with the
+    task's own aggregation. Under H0 the run labels are exchangeable within each item. The swap
+    patterns are the sign patterns of :func:`paired_permutation_test` (same stream for a given seed,
+    all 2**n when exact) and the p-value is scipy.stats.permutation_test's (``permutation_type=
+    "samples"``); for the mean difference both tests coincide. Patterns on which the statistic is
+    undefined (NaN) are dropped; ``n_resamples`` of the result counts the kept ones.
+    """
+    _check_common(n_resamples, seed, alternative)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n={n!r}; must be a positive number of paired items")
+    if exact is None:
+        exact = 2**n <= n_resamples
+    elif exact and n > 24:
+        raise ValueError(f"exact=True with n={n} items needs 2**{n} patterns; allowed: n <= 24")
+    observed = float(statistic(np.zeros(n, dtype=bool)))
+    rng = np.random.default_rng(seed)
+    null = np.array([float(statistic(row < 0)) for signs in _sign_patterns(n, exact, n_resamples, rng, 2048)
+                     for row in signs], dtype=np.float64)
+    null = null[np.isfinite(null)]
+    if null.size == 0 or not math.isfinite(observed):
+        raise ValueError("the statistic is undefined (NaN) on the data or on every permutation")
     return PermutationResult(
-        statistic=observed, pvalue=float(min(max(p, 0.0), 1.0)), n=n, n_resamples=used, exact=bool(exact),
-        seed=int(seed), alternative=alternative,
+        statistic=observed, pvalue=_permutation_pvalue(null, observed, exact, alternative), n=int(n),
+        n_resamples=int(null.size), exact=bool(exact), seed=int(seed), alternative=alternative,
+        method="paired label-swap permutation",
     )
 
 
@@ -174,6 +222,7 @@ def bootstrap_ci(
     confidence_level: float = 0.95,
     method: str = "percentile",
     seed: int = 0,
+    nan_policy: str = "propagate",
 ) -> BootstrapResult:
     """Bootstrap CI of ``statistic(*samples, axis=-1)``; several samples are resampled as pairs.
 
@@ -183,7 +232,11 @@ def bootstrap_ci(
     ``basic`` or ``bca`` (bias-corrected and accelerated; jackknife acceleration over items,
     Efron & Tibshirani 14.3). Quantiles use linear interpolation. Any statistic works (median,
     a difference of two preference rates, ...) as long as it is vectorised over the last axis.
+    ``nan_policy="omit"`` drops resamples on which the statistic is undefined (an aggregate over a
+    resample without items of some category); ``n_resamples`` of the result counts the kept ones.
     """
+    if nan_policy not in ("propagate", "omit"):
+        raise ValueError(f"nan_policy={nan_policy!r}; allowed: propagate, omit")
     if not samples:
         raise ValueError("bootstrap_ci needs at least one sample")
     data = [_as_1d(f"sample {i}", s) for i, s in enumerate(samples)]
@@ -208,6 +261,13 @@ def bootstrap_ci(
     idx = rng.integers(0, n, (n_resamples, n))
     theta_b = np.asarray(stat(*[s[idx] for s in data], axis=-1), dtype=np.float64)
     theta = float(stat(*data, axis=-1))
+    if nan_policy == "omit":
+        if method == "bca":
+            raise ValueError("nan_policy='omit' works with method='percentile' or 'basic'")
+        theta_b = theta_b[np.isfinite(theta_b)]
+        if theta_b.size == 0:
+            raise ValueError("the statistic is undefined (NaN) on every bootstrap resample")
+        n_resamples = int(theta_b.size)
     alpha = (1.0 - confidence_level) / 2.0
 
     if method == "bca":
@@ -397,3 +457,52 @@ def bh_family(results: list[dict], key: str = "pvalue", out_key: str = "pvalue_b
     """Add Benjamini-Hochberg adjusted p-values across one family of comparisons (new dicts)."""
     adj = bh_adjust([r[key] for r in results])
     return [{**r, out_key: float(p), "bh_family_size": len(results)} for r, p in zip(results, adj)]
+
+
+def aggregate_comparison(
+    a_items: Sequence,
+    b_items: Sequence,
+    aggregate: Callable[[list], float],
+    *,
+    name: str = "",
+    n_permutations: int = DEFAULT_PERMUTATIONS,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Run ``b`` vs base ``a`` on an aggregate metric (SPEC section 12), items paired by position.
+
+    delta = aggregate(b) - aggregate(a); CI: percentile bootstrap of delta over resampled paired
+    items (resamples where the aggregate is undefined are dropped and counted); p-value: paired
+    label-swap permutation test. ``aggregate`` is the task's own aggregation function, called on
+    lists of per-item values exactly as lm-eval calls it.
+    """
+    n = len(a_items)
+    if n != len(b_items) or n == 0:
+        raise ValueError(f"paired items must be non-empty and of equal length; got {n} and {len(b_items)}")
+    a_items, b_items = list(a_items), list(b_items)
+
+    def delta_of(idx) -> float:
+        return float(aggregate([b_items[i] for i in idx])) - float(aggregate([a_items[i] for i in idx]))
+
+    def boot_stat(idx, axis=-1):
+        idx = np.asarray(idx, dtype=np.int64)
+        return delta_of(idx) if idx.ndim == 1 else np.array([delta_of(row) for row in idx])
+
+    def swap_stat(swap: np.ndarray) -> float:
+        a_perm = [b if s else a for a, b, s in zip(a_items, b_items, swap)]
+        b_perm = [a if s else b for a, b, s in zip(a_items, b_items, swap)]
+        return float(aggregate(b_perm)) - float(aggregate(a_perm))
+
+    mean_a, mean_b = float(aggregate(a_items)), float(aggregate(b_items))
+    if not (math.isfinite(mean_a) and math.isfinite(mean_b)):
+        raise ValueError(f"aggregate undefined on the paired items (base {mean_a}, run {mean_b})")
+    ci = bootstrap_ci(np.arange(n, dtype=np.float64), statistic=boot_stat, n_resamples=n_bootstrap,
+                      confidence_level=confidence_level, seed=seed, nan_policy="omit")
+    perm = label_swap_test(swap_stat, n, n_resamples=n_permutations, seed=seed)
+    return {
+        "name": name, "n": n, "mean_a": mean_a, "mean_b": mean_b, "delta": mean_b - mean_a,
+        "ci_low": ci.low, "ci_high": ci.high, "confidence_level": ci.confidence_level, "ci_method": ci.method,
+        "pvalue": perm.pvalue, "exact": perm.exact, "n_permutations": perm.n_resamples,
+        "n_bootstrap": ci.n_resamples, "seed": seed,
+    }
