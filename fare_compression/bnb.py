@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from fare_core.adapters import model_type_of, moe_layers
+from fare_core.errors import FareError
 
 from .hooks import check_layout
-from .sparsity import decoder_layers
+from .layerwise import decoder_layers
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -97,11 +98,11 @@ def quantize_bnb(model, bits: int = 8, threshold: float = 6.0, quant_type: str =
                  experts: str = "quantize"):
     """Quantise the decoder Linears (+ unfused routed experts) in place; returns (model, info)."""
     if bits not in (4, 8):
-        raise ValueError(f"bits={bits!r}; allowed: 4, 8")
+        raise FareError(f"bits={bits!r}; allowed: 4, 8")
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r}; allowed: {', '.join(QUANT_TYPES)}")
+        raise FareError(f"quant_type={quant_type!r}; allowed: {', '.join(QUANT_TYPES)}")
     if experts not in ("quantize", "skip"):
-        raise ValueError(f"experts={experts!r}; allowed: quantize, skip (attention/shared only, must be reported)")
+        raise FareError(f"experts={experts!r}; allowed: quantize, skip (attention/shared only, must be reported)")
     unfused = unfuse_experts(model) if experts == "quantize" else []
     skip = set()
     for layer in moe_layers(model):
@@ -176,6 +177,7 @@ def dense_copy(model):
 
 
 def run(model, calib=None, tokenizer=None, bits=8, threshold=6.0, quant_type="nf4", double_quant=False,
-        experts="quantize"):
-    """Registry adapter (methods.py)."""
+        experts="quantize", device=None, pipeline="layerwise", progress=True):
+    """Registry adapter (methods.py). Data-free: every Linear is quantised where its weights live
+    (bitsandbytes quantises on ``.to(device)``), so no activation is held and ``device`` is unused."""
     return quantize_bnb(model, bits, threshold, quant_type, double_quant, experts)

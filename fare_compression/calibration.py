@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fare_core.errors import FareError
+
 SAFETY_SOURCES = ("refusal_pairs",)
 GENERAL_SOURCES = ("harmless",)
 STATS_TOKENS = ("all", "refusal")
@@ -85,9 +87,9 @@ def _read_file(path: Path) -> list[Record]:
             elif "prompt" in r or "instruction" in r:
                 out.append(Record(prompt=r.get("prompt", r.get("instruction")), response=r.get("response")))
             else:
-                raise ValueError(f"{path}: records need 'text' or 'prompt' (+ 'response'); got keys {sorted(r)}")
+                raise FareError(f"{path}: records need 'text' or 'prompt' (+ 'response'); got keys {sorted(r)}")
         return out
-    raise ValueError(f"calibration source file {path}: unsupported suffix {path.suffix!r}; allowed .txt, .jsonl, .json")
+    raise FareError(f"calibration source file {path}: unsupported suffix {path.suffix!r}; allowed .txt, .jsonl, .json")
 
 
 def load_source(name: str, kind: str) -> list[Record]:
@@ -100,9 +102,9 @@ def load_source(name: str, kind: str) -> list[Record]:
         recs = _read_file(Path(name))
     else:
         allowed = SAFETY_SOURCES if kind == "safety" else GENERAL_SOURCES
-        raise ValueError(f"unknown {kind} calibration source {name!r}; allowed: {', '.join(allowed)} or a .txt/.jsonl file")
+        raise FareError(f"unknown {kind} calibration source {name!r}; allowed: {', '.join(allowed)} or a .txt/.jsonl file")
     if not recs:
-        raise ValueError(f"{kind} calibration source {name!r} has no records")
+        raise FareError(f"{kind} calibration source {name!r} has no records")
     return recs
 
 
@@ -122,7 +124,7 @@ def _render(tok, rec: Record, chat: bool) -> tuple[list[int], list[bool]]:
         if rec.response is not None:
             full = tok.apply_chat_template(user + [{"role": "assistant", "content": rec.response}], tokenize=False)
         if not full.startswith(prefix):
-            raise ValueError("chat template renders the prompt differently with and without the reply")
+            raise FareError("chat template renders the prompt differently with and without the reply")
         head, tail = enc(prefix), enc(full[len(prefix):])
     else:
         head = enc(rec.prompt + ("\n" if rec.response is not None else ""))
@@ -171,13 +173,13 @@ def build_calibration(
     chat: render with the tokenizer's chat template (None = when the tokenizer has one).
     """
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"calibration size n={n!r} must be a positive integer")
+        raise FareError(f"calibration size n={n!r} must be a positive integer")
     if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"calibration seq_len={seq_len!r} must be an integer >= 2")
+        raise FareError(f"calibration seq_len={seq_len!r} must be an integer >= 2")
     if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"safety proportion p={p!r} outside [0, 1]")
+        raise FareError(f"safety proportion p={p!r} outside [0, 1]")
     if stats_tokens not in STATS_TOKENS:
-        raise ValueError(f"stats_tokens={stats_tokens!r}; allowed: {', '.join(STATS_TOKENS)}")
+        raise FareError(f"stats_tokens={stats_tokens!r}; allowed: {', '.join(STATS_TOKENS)}")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     n_safe = int(round(float(p) * n))
@@ -224,6 +226,6 @@ CALIBRATION_KEYS = ("n", "seq_len", "p", "seed", "general", "safety", "stats_tok
 def calibration_from_params(tokenizer, params: dict) -> CalibrationSet:
     """Build the set from method params named ``calib_<key>`` (e.g. calib_p=0.25, calib_n=32)."""
     if tokenizer is None:
-        raise ValueError("this compression method needs calibration data: pass a tokenizer")
+        raise FareError("this compression method needs calibration data: pass a tokenizer")
     kw = {k: params[f"calib_{k}"] for k in CALIBRATION_KEYS if f"calib_{k}" in params}
     return build_calibration(tokenizer, **kw)

@@ -1,4 +1,4 @@
-"""``fare compress``: load a model, compress it, save a checkpoint + manifest, verify the reload.
+"""``fare compress``: load a model, compress it layer by layer, save a checkpoint + manifest, verify the reload.
 
     fare compress --model fare-tiny:qwen3_moe --method wanda --set ratio=0.5 --set structure=2:4 \\
         --calib-p 0.25 --calib-n 128 --calib-seq-len 2048 --out runs/qwen3-wanda24
@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from fare_core.errors import FareError
+from fare_tasks.data import DataError
 
 from .methods import METHODS
 
@@ -28,49 +31,62 @@ def _parser() -> argparse.ArgumentParser:
         f"  {name:<16} {', '.join(m.params)}" for name, m in METHODS.items())
     ap = argparse.ArgumentParser(prog="fare compress", description=__doc__.split("\n\n")[0], epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="local checkpoint directory or fare-tiny[:model_type]")
+    ap.add_argument("--model", required=True, help="hub id, local checkpoint directory or fare-tiny[:model_type]")
+    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     ap.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, help="output folder: new or empty (see --overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing non-empty --out folder (only once the new checkpoint is complete)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     for k, help_ in _CALIB_FLAGS.items():
         ap.add_argument(f"--calib-{k.replace('_', '-')}", dest=f"calib_{k}", default=None, help=help_)
-    ap.add_argument("--dtype", default="float32", help="torch dtype to load the model in (default float32)")
+    ap.add_argument("--device", default="auto",
+                    help="where each decoder layer is computed: auto (cuda if available), cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="auto",
+                    help="dtype to load the model in: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    ap.add_argument("--device-map", default=None,
+                    help="from_pretrained device_map (e.g. auto); default: weights on CPU, one layer at a time on --device")
+    ap.add_argument("--pipeline", default="layerwise", choices=("layerwise", "model"),
+                    help="layerwise (default: one decoder layer's activations at a time) or model (whole-model passes)")
+    ap.add_argument("--no-progress", action="store_true", help="no per-layer progress lines on stderr")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.method not in METHODS:
-        print(f"fare compress: unknown method {args.method!r}; allowed: {', '.join(METHODS)}", file=sys.stderr)
-        return 2
+def _params(args) -> dict:
     params = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            print(f"fare compress: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
+            raise FareError(f"--set expects KEY=VALUE, got {item!r}")
         params[key] = value
     params.update({k: getattr(args, k) for k in (f"calib_{c}" for c in _CALIB_FLAGS) if getattr(args, k) is not None})
     if not METHODS[args.method].calibrated:
-        params = {k: v for k, v in params.items() if not k.startswith("calib_")}
+        given = sorted(k for k in params if k.startswith("calib_"))
+        if given:
+            raise FareError(f"method {args.method!r} takes no calibration data; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+    return params
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fare_core.tiny import resolve_pretrained
-
-    from . import apply_compression
-    from .checkpoint import save_compressed
-
-    path, _ = resolve_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        apply_compression(model, args.method, params, tokenizer)
-    except (ValueError, ImportError) as e:
+        if args.method not in METHODS:
+            raise FareError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
+        params = _params(args)
+        from .checkpoint import check_out_dir, compress_checkpoint
+        from .layerwise import check_pipeline, resolve_device, resolve_dtype
+
+        check_out_dir(args.out, args.overwrite)  # before loading anything
+        resolve_dtype(args.dtype, resolve_device(args.device))
+        check_pipeline(args.pipeline)
+        manifest = compress_checkpoint(args.model, args.method, params, args.out, device=args.device,
+                                       dtype=args.dtype, device_map=args.device_map, revision=args.revision,
+                                       overwrite=args.overwrite, pipeline=args.pipeline,
+                                       progress=not args.no_progress)
+    except (FareError, DataError) as e:
         print(f"fare compress: {e}", file=sys.stderr)
         return 2
-    manifest = save_compressed(model, tokenizer, args.out, base=args.model)
     print(json.dumps({"out": args.out, "method": manifest["method"], "seconds": manifest["seconds"],
+                      "device": manifest.get("device"), "dtype": manifest.get("dtype"),
                       "calibration": manifest.get("calibration", {}).get("sources")}, default=str))
     return 0

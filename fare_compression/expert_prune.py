@@ -17,19 +17,23 @@ from __future__ import annotations
 import torch
 
 from fare_core.adapters import moe_layers
+from fare_core.errors import FareError
 
 from .calibration import CalibrationSet
-from .hooks import capture_moe, expert_output, selection_counts
+from .hooks import MoECollector, expert_output, moe_collector, selection_counts
+from .layerwise import visit_layers
 from .prune import _group_count, prune_experts
+
+SCORES = ("frequency", "reap")
 
 
 def check_ratio(ratio, what: str = "ratio") -> float:
     try:
         r = float(ratio)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}={ratio!r} must be a number in (0, 1)") from None
+        raise FareError(f"{what}={ratio!r} must be a number in (0, 1)") from None
     if not 0.0 < r < 1.0:
-        raise ValueError(f"{what}={ratio!r} outside (0, 1)")
+        raise FareError(f"{what}={ratio!r} is outside (0, 1); allowed: a number strictly between 0 and 1")
     return r
 
 
@@ -42,9 +46,9 @@ def keep_lowest_dropped(scores: dict[int, torch.Tensor], ratio: float, model) ->
         size = E // G
         n_drop = int(size * ratio)
         if n_drop == 0:
-            raise ValueError(f"ratio={ratio} removes no expert from {size} experts per {'group' if G > 1 else 'layer'}")
+            raise FareError(f"ratio={ratio} removes no expert from {size} experts per {'group' if G > 1 else 'layer'}")
         if E - n_drop * G < layer.top_k:
-            raise ValueError(f"ratio={ratio} keeps {E - n_drop * G} experts, fewer than top_k={layer.top_k}")
+            raise FareError(f"ratio={ratio} keeps {E - n_drop * G} experts, fewer than top_k={layer.top_k}")
         kept = []
         for g in range(G):
             ids = torch.arange(g * size, (g + 1) * size)
@@ -54,41 +58,61 @@ def keep_lowest_dropped(scores: dict[int, torch.Tensor], ratio: float, model) ->
     return keep
 
 
-def frequency_scores(model, calib: CalibrationSet, batch_size: int = 4) -> dict[int, torch.Tensor]:
-    cap = capture_moe(model, calib, batch_size, keep_inputs=False)
-    return {l.index: selection_counts(cap.topk_idx[l.index], l.num_experts) for l in moe_layers(model)}
+def _expert_output_norms(ex, j: int, x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """||E_j(x)||_2 per row of x (CPU float32 input), computed on the experts' device in chunks."""
+    dev, dt = ex.gate_up_proj.device, ex.gate_up_proj.dtype
+    return torch.cat([expert_output(ex, j, x[s:s + chunk].to(dev, dt)).float().norm(dim=-1).cpu()
+                      for s in range(0, len(x), chunk)])
+
+
+def layer_scores(col: MoECollector, score: str) -> torch.Tensor:
+    """Per-expert score of one MoE layer from its collected statistics."""
+    E = col.layer.num_experts
+    if score == "frequency":
+        return selection_counts(col.topk_idx, E)
+    x, idx, w, ex = col.x, col.topk_idx, col.topk_w, col.layer.experts
+    s = torch.zeros(E, dtype=torch.float64)
+    for j in range(E):
+        hit = idx == j  # [T, k]
+        rows = hit.any(-1)
+        if not rows.any():
+            continue
+        g = (w * hit).sum(-1)[rows]
+        s[j] = (g * _expert_output_norms(ex, j, x[rows])).double().mean()
+    return s
 
 
 @torch.no_grad()
-def reap_scores(model, calib: CalibrationSet, batch_size: int = 4) -> dict[int, torch.Tensor]:
-    cap = capture_moe(model, calib, batch_size)
-    out = {}
-    for layer in moe_layers(model):
-        x, idx, w = cap.x[layer.index], cap.topk_idx[layer.index], cap.topk_w[layer.index]
-        ex = layer.experts
-        s = torch.zeros(layer.num_experts, dtype=torch.float64)
-        for j in range(layer.num_experts):
-            hit = idx == j  # [T, k]
-            rows = hit.any(-1)
-            if not rows.any():
-                continue
-            g = (w * hit).sum(-1)[rows]
-            xj = x[rows].to(ex.gate_up_proj.dtype).to(ex.gate_up_proj.device)
-            norms = expert_output(ex, j, xj).float().norm(dim=-1).cpu()
-            s[j] = (g * norms).double().mean()
-        out[layer.index] = s
-    return out
+def expert_scores(model, calib: CalibrationSet, score: str = "frequency", batch_size: int = 4, device=None,
+                  pipeline: str = "layerwise", progress: bool = True) -> dict[int, torch.Tensor]:
+    """{MoE decoder-layer index: per-expert score} from the unmodified model, one layer at a time."""
+    if score not in SCORES:
+        raise FareError(f"unknown expert-pruning score {score!r}; allowed: {', '.join(SCORES)}")
+    collect, _ = moe_collector(model, keep_inputs=score == "reap")
+    scores: dict[int, torch.Tensor] = {}
+
+    def process(i, layer, col):
+        if isinstance(col, MoECollector):
+            scores[i] = layer_scores(col, score)
+
+    visit_layers(model, calib, process, collect, sequential=False, device=device, batch_size=batch_size,
+                 pipeline=pipeline, what=f"prune_{score} scores", progress=progress)
+    return scores
 
 
-def prune_by_score(model, calib: CalibrationSet, ratio, score: str = "frequency", batch_size: int = 4):
+def frequency_scores(model, calib: CalibrationSet, batch_size: int = 4, **kw) -> dict[int, torch.Tensor]:
+    return expert_scores(model, calib, "frequency", batch_size, **kw)
+
+
+def reap_scores(model, calib: CalibrationSet, batch_size: int = 4, **kw) -> dict[int, torch.Tensor]:
+    return expert_scores(model, calib, "reap", batch_size, **kw)
+
+
+def prune_by_score(model, calib: CalibrationSet, ratio, score: str = "frequency", batch_size: int = 4,
+                   device=None, pipeline: str = "layerwise", progress: bool = True):
     """Prune ``ratio`` of the experts per layer by ``score`` in {"frequency", "reap"}; returns (model, info)."""
     ratio = check_ratio(ratio)
-    if score == "frequency":
-        scores = frequency_scores(model, calib, batch_size)
-    elif score == "reap":
-        scores = reap_scores(model, calib, batch_size)
-    else:
-        raise ValueError(f"unknown expert-pruning score {score!r}; allowed: frequency, reap")
+    scores = expert_scores(model, calib, score, batch_size, device, pipeline, progress)
     keep = keep_lowest_dropped(scores, ratio, model)
     prune_experts(model, keep)
     info = {"score": score, "ratio": ratio, "kept": {str(k): v for k, v in keep.items()},
@@ -96,6 +120,7 @@ def prune_by_score(model, calib: CalibrationSet, ratio, score: str = "frequency"
     return model, info
 
 
-def run(model, calib=None, tokenizer=None, score="frequency", ratio=0.25, batch_size=4):
+def run(model, calib=None, tokenizer=None, score="frequency", ratio=0.25, batch_size=4, device=None,
+        pipeline="layerwise", progress=True):
     """Registry adapter (methods.py)."""
-    return prune_by_score(model, calib, ratio, score, batch_size)
+    return prune_by_score(model, calib, ratio, score, batch_size, device, pipeline, progress)

@@ -24,9 +24,14 @@ from pathlib import Path
 
 import torch
 
+from fare_core.errors import FareError
+
 from .calibration import CalibrationSet
 
 SCHEMES = {"W4A16": 4, "W8A16": 8}
+#: llm-compressor's sequential pipeline onloads one decoder layer at a time to its main device
+#: (the first accelerator) and offloads the activations between layers to CPU.
+LLMC_PIPELINES = {"layerwise": "sequential", "model": "basic"}
 IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*router$", "re:.*shared_expert_gate$"]
 
 
@@ -40,7 +45,7 @@ def _scheme(scheme: str, group_size: int):
 
 
 def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", dampening_frac: float = 0.01,
-         block_size: int = 128, batch_size: int = 1, group_size: int = 128):
+         block_size: int = 128, batch_size: int = 1, group_size: int = 128, pipeline: str = "layerwise"):
     """Quantise ``model`` in place (fake-quantised in memory; compressed on save); returns (model, info)."""
     import datasets
     from llmcompressor import oneshot
@@ -48,11 +53,11 @@ def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", da
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     if scheme not in SCHEMES:
-        raise ValueError(f"GPTQ scheme={scheme!r}; allowed: {', '.join(SCHEMES)}")
+        raise FareError(f"GPTQ scheme={scheme!r}; allowed: {', '.join(SCHEMES)}")
     if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be a positive integer")
+        raise FareError(f"group_size={group_size!r} must be a positive integer")
     if calib.manifest.get("stats_tokens") != "all":
-        raise ValueError("GPTQ calibrates on every non-padding token; calib_stats_tokens='refusal' is not supported")
+        raise FareError("GPTQ calibrates on every non-padding token; calib_stats_tokens='refusal' is not supported")
     if True:  # every quantised Linear input dim must split into whole groups
         bad = [(n, m.in_features) for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n and m.in_features % group_size]
@@ -60,7 +65,7 @@ def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", da
                if isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.shape[-1] % group_size]
         if bad or exp:
             name, dim = (bad + exp)[0]
-            raise ValueError(f"{scheme} group_size={group_size} does not divide the input dimension {dim} of {name}; "
+            raise FareError(f"{scheme} group_size={group_size} does not divide the input dimension {dim} of {name}; "
                              "pass group_size dividing every Linear input dimension")
     linearize_moe(model)
     ds = datasets.Dataset.from_dict({"input_ids": calib.input_ids.tolist(),
@@ -77,10 +82,14 @@ def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", da
         try:
             oneshot(model=model, dataset=ds, processor=tokenizer, recipe=recipe, num_calibration_samples=len(calib),
                     max_seq_length=calib.input_ids.shape[1], moe_calibrate_all_experts=True,
-                    shuffle_calibration_samples=False, batch_size=batch_size)
+                    shuffle_calibration_samples=False, batch_size=batch_size,
+                    pipeline=LLMC_PIPELINES[pipeline], sequential_offload_device="cpu")
         finally:
             model.config.name_or_path = name
-    info = {"library": "llmcompressor", "scheme": scheme, "group_size": group_size, "dampening_frac": dampening_frac, "block_size": block_size,
+    from llmcompressor.utils.dev import get_main_device
+
+    info = {"library": "llmcompressor", "pipeline": LLMC_PIPELINES[pipeline], "device": str(get_main_device()),
+            "scheme": scheme, "group_size": group_size, "dampening_frac": dampening_frac, "block_size": block_size,
             "ignore": IGNORE, "moe_calibrate_all_experts": True, "experts": "linearized per-expert Linear"}
     return model, info
 
@@ -119,6 +128,6 @@ def fix_mixtral_keys(out_dir: Path) -> int:
 
 
 def run(model, calib=None, tokenizer=None, scheme="W4A16", dampening_frac=0.01, block_size=128, batch_size=1,
-        group_size=128):
-    """Registry adapter (methods.py)."""
-    return gptq(model, calib, tokenizer, scheme, dampening_frac, block_size, batch_size, group_size)
+        group_size=128, device=None, pipeline="layerwise", progress=True):
+    """Registry adapter (methods.py). The compute device is llm-compressor's main device."""
+    return gptq(model, calib, tokenizer, scheme, dampening_frac, block_size, batch_size, group_size, pipeline)

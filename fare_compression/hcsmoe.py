@@ -2,8 +2,10 @@
 
 Paper definition (the default here):
 
-1. one forward pass of the unmodified model over the calibration set; per MoE layer l the block
-   inputs X_l (stat tokens only);
+1. calibration forward of the unmodified model; per MoE layer l the block inputs X_l (stat tokens
+   only). Run layer by layer (:mod:`fare_compression.layerwise`): layer l is merged after its
+   outputs were computed, so every layer sees the unmodified model's inputs, as in the reference's
+   single forward pass, with only one layer's X_l held at a time;
 2. expert representation o_i = (1/T) sum_t E_i(x_t): mean *ungated* output over all tokens;
 3. D_ij = ||o_i - o_j||_2;
 4. agglomerative clustering with average linkage (UPGMA), d(A,B) = mean_{a in A, b in B} D_ab,
@@ -15,12 +17,20 @@ Paper definition (the default here):
 7. the router is unchanged (all E rows): co-selected members' gate values add up.
 
 Options reproducing the released reference code (``hcsmoe`` @ bd77eba1): ``cluster="kmeans"``
-(its scripts pass the typo ``--cluster=hirarchical``, which falls through to K-means with
-k-means++ initialisation seeded by ``torch.manual_seed(0)``, up to 100 iterations) and
-``freq_topk=2`` (top-2 counts hard-coded in ``compute_all_usages``; taken here as the top-2 of the
-raw router logits, so ERNIE's selection bias is not applied in that option). ``linkage`` may also be
-"single" or "complete". Shared experts are never merged. Deviation: a cluster whose members were
-never selected (sum f = 0) gets the plain mean instead of the reference's all-zero weights.
+(its scripts pass the typo ``--cluster=hirarchical``, which falls through to K-means in
+``clustering.py group_experts_by_clustering``) and ``freq_topk=2`` (top-2 counts hard-coded in
+``compute_all_usages``; taken here as the top-2 of the raw router logits, so ERNIE's selection bias
+is not applied in that option). The K-means is the reference's, step for step: representations in
+float32; k-means++ initial centres (first uniform, then proportional to the squared distance to the
+nearest centre) drawn from ONE random stream seeded once with ``seed`` and consumed layer after
+layer (the reference seeds torch's global generator once per run; its stream equals a CPU
+``torch.Generator`` with the same seed when the representations are on CPU, as here); then up to
+100 iterations of: distance matrix cdist(o, centres) / d, standardised per centre (column z-score
+with the unbiased std + 1e-6, shifted so the minimum is 0), argmin assignment, centres = member
+means (an emptied cluster gets a NaN centre, as in the reference), stop when no centre moved by
+1e-4 or more. ``linkage`` may also be "single" or "complete". Shared experts are never merged.
+Deviation: a cluster whose members were never selected (sum f = 0) gets the plain mean instead of
+the reference's all-zero weights.
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ from __future__ import annotations
 import torch
 
 from fare_core.adapters import moe_layers
+from fare_core.errors import FareError
 
 from .calibration import CalibrationSet
-from .hooks import capture_moe, expert_output
+from .hooks import MoECollector, expert_output, moe_collector
+from .layerwise import visit_layers
 
 LINKAGES = ("average", "single", "complete")
 CLUSTERINGS = ("hierarchical", "kmeans")
@@ -43,7 +55,7 @@ def agglomerative(dist: torch.Tensor, num_clusters: int, linkage: str = "average
     merges): clusters = sorted member lists ordered by smallest member; merges = [(A, B, d)] in order.
     """
     if linkage not in LINKAGES:
-        raise ValueError(f"linkage={linkage!r}; allowed: {', '.join(LINKAGES)}")
+        raise FareError(f"linkage={linkage!r}; allowed: {', '.join(LINKAGES)}")
     n = dist.shape[0]
     D = dist.double().clone()
     D.fill_diagonal_(float("inf"))
@@ -87,27 +99,45 @@ def naive_average_linkage(dist: torch.Tensor, num_clusters: int):
     return sorted(clusters, key=lambda m: m[0])
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0):
-    """K-means with k-means++ initialisation (the reference code's fallback clustering)."""
-    g = torch.Generator().manual_seed(seed)
-    x = x.double()
-    centers = [x[int(torch.randint(len(x), (1,), generator=g))]]
+def _standardize(d: torch.Tensor) -> torch.Tensor:
+    """Reference ``_standardize``: per-centre (column) z-score, unbiased std + 1e-6, shifted to min 0."""
+    d = (d - d.mean(dim=0)) / (d.std(dim=0) + 1e-6)
+    return d - d.min()
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Reference k-means++ initial centre indices (draws from ``generator``)."""
+    first = torch.randint(0, x.shape[0], (1,), generator=generator).item()
+    centers, indices = [x[first]], [first]
     for _ in range(1, k):
-        d2 = torch.cdist(x, torch.stack(centers)).min(1).values ** 2
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
-        centers.append(x[int(torch.multinomial(probs, 1, generator=g))])
-    c = torch.stack(centers)
-    labels = None
+        dist = torch.cat([torch.cdist(x, c.unsqueeze(0)) for c in centers], dim=-1)
+        d2 = torch.min(dist, dim=-1).values ** 2
+        nxt = torch.multinomial(d2 / d2.sum(), 1, generator=generator).item()
+        centers.append(x[nxt])
+        indices.append(nxt)
+    return torch.tensor(indices)
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator | None = None, init: torch.Tensor | None = None,
+           iters: int = 100) -> list[list[int]]:
+    """The reference K-means on the rows of ``x`` (module docstring); returns the non-empty clusters
+    as sorted member lists ordered by smallest member. ``init``: initial centre indices."""
+    x = x.to(torch.float32)
+    if init is None:
+        init = kmeans_plus_plus(x, k, generator if generator is not None else torch.Generator().manual_seed(0))
+    centers = x[init]
+    assignments = None
     for _ in range(iters):
-        new = torch.cdist(x, c).argmin(1)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
+        assignments = torch.argmin(_standardize(torch.cdist(x, centers) / x.shape[1]), dim=1)
+        new = torch.stack([x[assignments == j].mean(dim=0) for j in range(k)])
+        max_diff = 0.0
         for j in range(k):
-            if (labels == j).any():
-                c[j] = x[labels == j].mean(0)
-    groups = [sorted(torch.nonzero(labels == j).flatten().tolist()) for j in range(k)]
-    return sorted((m for m in groups if m), key=lambda m: m[0])
+            max_diff = max(max_diff, torch.max(torch.abs(new[j] - centers[j])).item())
+        if max_diff < 1e-4:
+            break
+        centers = new
+    groups = [sorted(torch.nonzero(assignments == j).flatten().tolist()) for j in range(k)]
+    return sorted((g for g in groups if g), key=lambda g: g[0])
 
 
 def frequencies(topk_idx: torch.Tensor, logits: torch.Tensor, num_experts: int, freq_topk) -> torch.Tensor:
@@ -117,7 +147,7 @@ def frequencies(topk_idx: torch.Tensor, logits: torch.Tensor, num_experts: int, 
     elif isinstance(freq_topk, int) and freq_topk >= 1:
         sel = logits.topk(freq_topk, dim=-1).indices
     else:
-        raise ValueError(f"freq_topk={freq_topk!r}; allowed: 'k' (true top-k) or a positive integer (reference: 2)")
+        raise FareError(f"freq_topk={freq_topk!r}; allowed: 'k' (true top-k) or a positive integer (reference: 2)")
     c = torch.bincount(sel.reshape(-1), minlength=num_experts).double()
     return c / c.sum()
 
@@ -140,44 +170,79 @@ def merge_groups(experts, clusters: list[list[int]], f: torch.Tensor) -> None:
             t.data[gi] = merged.unsqueeze(0).expand(len(G), *merged.shape)
 
 
-@torch.no_grad()
-def hc_smoe(model, calib: CalibrationSet, num_clusters: int | None = None, ratio: float | None = None,
-            linkage: str = "average", cluster: str = "hierarchical", freq_topk="k", batch_size: int = 4):
-    """Merge the routed experts of every MoE layer into ``num_clusters`` groups; returns (model, info).
+def representations(experts, x: torch.Tensor, num_experts: int, chunk: int = 16384) -> torch.Tensor:
+    """o_i = mean ungated output of expert i over the rows of x (CPU float32), [E, H] float64 on CPU;
+    computed on the experts' device in token chunks (sums in float64)."""
+    dev, dt = experts.gate_up_proj.device, experts.gate_up_proj.dtype
+    T = x.shape[0]
+    reps = []
+    for e in range(num_experts):
+        total = None
+        for s in range(0, T, chunk):
+            part = expert_output(experts, e, x[s:s + chunk].to(dev, dt)).double().sum(0)
+            total = part if total is None else total + part
+        reps.append((total / T).cpu())
+    return torch.stack(reps)
 
-    num_clusters: clusters per layer; or ratio in (0,1): num_clusters = int(E * (1 - ratio)).
-    """
-    layers = moe_layers(model)
-    E = layers[0].num_experts
+
+def check_args(E: int, num_clusters, ratio, linkage: str, cluster: str) -> int:
+    """Validated clusters per layer."""
     if (num_clusters is None) == (ratio is None):
-        raise ValueError("HC-SMoE needs exactly one of num_clusters or ratio")
+        raise FareError("HC-SMoE needs exactly one of num_clusters or ratio")
     if ratio is not None:
         from .expert_prune import check_ratio
 
         num_clusters = int(E * (1 - check_ratio(ratio)))
     if not isinstance(num_clusters, int) or isinstance(num_clusters, bool):
-        raise ValueError(f"num_clusters={num_clusters!r} must be an integer")
+        raise FareError(f"num_clusters={num_clusters!r} must be an integer")
     if num_clusters > E:
-        raise ValueError(f"num_clusters={num_clusters} is more clusters than the {E} experts per layer")
+        raise FareError(f"num_clusters={num_clusters} is more clusters than the {E} experts per layer")
     if num_clusters < 1:
-        raise ValueError(f"num_clusters={num_clusters} must be >= 1")
+        raise FareError(f"num_clusters={num_clusters} must be >= 1")
     if cluster not in CLUSTERINGS:
-        raise ValueError(f"cluster={cluster!r}; allowed: {', '.join(CLUSTERINGS)}")
-    cap = capture_moe(model, calib, batch_size)
+        raise FareError(f"cluster={cluster!r} is not allowed; choose one of: {', '.join(CLUSTERINGS)}")
+    if linkage not in LINKAGES:
+        raise FareError(f"linkage={linkage!r} is not allowed; choose one of: {', '.join(LINKAGES)}")
+    return num_clusters
+
+
+@torch.no_grad()
+def hc_smoe(model, calib: CalibrationSet, num_clusters: int | None = None, ratio: float | None = None,
+            linkage: str = "average", cluster: str = "hierarchical", freq_topk="k", batch_size: int = 4,
+            seed: int = 0, device=None, pipeline: str = "layerwise", progress: bool = True):
+    """Merge the routed experts of every MoE layer into ``num_clusters`` groups; returns (model, info).
+
+    num_clusters: clusters per layer; or ratio in (0,1): num_clusters = int(E * (1 - ratio)).
+    seed: the K-means initialisation stream (``cluster="kmeans"``), seeded once for all layers.
+    """
+    E = moe_layers(model)[0].num_experts
+    num_clusters = check_args(E, num_clusters, ratio, linkage, cluster)
+    if freq_topk not in ("k", None) and not (isinstance(freq_topk, int) and freq_topk >= 1):
+        raise FareError(f"freq_topk={freq_topk!r}; allowed: 'k' (true top-k) or a positive integer (reference: 2)")
+    generator = torch.Generator().manual_seed(int(seed))  # one stream across layers (reference)
+    collect, _ = moe_collector(model)
     info = {"num_clusters": num_clusters, "linkage": linkage, "cluster": cluster, "freq_topk": freq_topk,
             "representation": "mean ungated expert output over all stat tokens", "distance": "euclidean",
             "router": "unchanged", "layers": {}}
-    for layer in layers:
-        ex, li = layer.experts, layer.index
-        x = cap.x[li].to(ex.gate_up_proj.device, ex.gate_up_proj.dtype)
-        reps = torch.stack([expert_output(ex, e, x).double().mean(0) for e in range(layer.num_experts)]).cpu()
+    if cluster == "kmeans":
+        info.update(seed=int(seed), linkage=None, kmeans="reference: k-means++ from one seeded stream, "
+                    "per-centre standardised distances, <= 100 iterations")
+
+    def process(i, layer, col):
+        if not isinstance(col, MoECollector):
+            return
+        ex = col.layer.experts
+        reps = representations(ex, col.x, col.layer.num_experts)
         if cluster == "hierarchical":
             clusters, _ = agglomerative(torch.cdist(reps, reps), num_clusters, linkage)
         else:
-            clusters = kmeans(reps, num_clusters)
-        f = frequencies(cap.topk_idx[li], cap.logits[li], layer.num_experts, freq_topk)
+            clusters = kmeans(reps.float(), num_clusters, generator)
+        f = frequencies(col.topk_idx, col.logits, col.layer.num_experts, freq_topk)
         merge_groups(ex, clusters, f)
-        info["layers"][str(li)] = {"clusters": clusters, "frequencies": [round(float(v), 6) for v in f]}
+        info["layers"][str(i)] = {"clusters": clusters, "frequencies": [round(float(v), 6) for v in f]}
+
+    visit_layers(model, calib, process, collect, sequential=False, device=device, batch_size=batch_size,
+                 pipeline=pipeline, what="hc_smoe", progress=progress)
     return model, info
 
 

@@ -9,18 +9,18 @@ without depending on the dispatch implementation (eager / batched_mm / grouped_m
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fare_core.adapters import MoELayer, model_type_of, moe_layers
+from fare_core.errors import FareError
 
 from .calibration import CalibrationSet
 
 
-class UnsupportedLayoutError(ValueError):
+class UnsupportedLayoutError(FareError):
     """The experts of this architecture are not stored as [E,2I,H] / [E,H,I] (e.g. GPT-OSS)."""
 
 
@@ -83,56 +83,57 @@ def run_calibration(model: nn.Module, calib: CalibrationSet, state: MaskState, b
             handle.remove()
 
 
-@dataclass
-class MoECapture:
-    """Per MoE layer (by decoder index): stat-token inputs X [T,H], router logits [T,E],
-    selected experts [T,k] and combine weights [T,k] of the unmodified model."""
+class NoHooks:
+    """Collector of a layer that needs no statistics (e.g. a dense decoder layer)."""
 
-    x: dict[int, torch.Tensor] = field(default_factory=dict)
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    topk_idx: dict[int, torch.Tensor] = field(default_factory=dict)
-    topk_w: dict[int, torch.Tensor] = field(default_factory=dict)
+    def remove(self) -> None:
+        pass
 
 
-@contextmanager
-def _hooks(handles):
-    try:
-        yield
-    finally:
-        for h in handles:
+class MoECollector:
+    """Hooks on one MoE layer recording, for stat tokens only, the experts' input X [T,H] (float32,
+    CPU), the router logits [T,E], the selected experts [T,k] and the combine weights [T,k]."""
+
+    def __init__(self, layer: MoELayer, state: MaskState, keep_inputs: bool = True):
+        self.layer, self.state, self.keep_inputs = layer, state, keep_inputs
+        self._parts: dict[str, list] = {"x": [], "logits": [], "idx": [], "w": []}
+        self.x = self.logits = self.topk_idx = self.topk_w = None
+        self._handles = [layer.experts.register_forward_pre_hook(self._pre),
+                         layer.router.register_forward_hook(self._post)]
+
+    def _pre(self, mod, args):
+        x, idx, w = args[0], args[1], args[2]
+        m = self.state.flat
+        if self.keep_inputs:
+            self._parts["x"].append(x.reshape(-1, x.shape[-1])[m].detach().float().cpu())
+        self._parts["idx"].append(idx.reshape(-1, idx.shape[-1])[m].detach().cpu())
+        self._parts["w"].append(w.reshape(-1, w.shape[-1])[m].detach().float().cpu())
+
+    def _post(self, mod, args, out):
+        z = out[0] if isinstance(out, tuple) else out
+        self._parts["logits"].append(z.reshape(-1, z.shape[-1])[self.state.flat].detach().float().cpu())
+
+    def remove(self) -> None:
+        for h in self._handles:
             h.remove()
+        self._handles = []
+        cat = {k: torch.cat(v) if v else None for k, v in self._parts.items()}
+        self.x, self.logits, self.topk_idx, self.topk_w = cat["x"], cat["logits"], cat["idx"], cat["w"]
+        self._parts = {}
 
 
-def capture_moe(model: nn.Module, calib: CalibrationSet, batch_size: int = 4, keep_inputs: bool = True) -> MoECapture:
-    """One forward pass of the unmodified model recording every MoE layer's routing on stat tokens."""
-    layers = moe_layers(model)
-    for layer in layers:
-        check_layout(layer, model_type_of(model))
-    state, cap = MaskState(), MoECapture()
-    acc: dict[str, dict[int, list]] = {"x": {}, "logits": {}, "idx": {}, "w": {}}
-    handles = []
-    for layer in layers:
-        li = layer.index
+def moe_collector(model: nn.Module, keep_inputs: bool = True):
+    """``collect`` function for :func:`fare_compression.layerwise.visit_layers` (MoE layers only)."""
+    mt = model_type_of(model)
+    by_index = {}
+    for layer in moe_layers(model):
+        check_layout(layer, mt)
+        by_index[layer.index] = layer
 
-        def pre(mod, args, li=li):
-            x, idx, w = args[0], args[1], args[2]
-            m = state.flat
-            if keep_inputs:
-                acc["x"].setdefault(li, []).append(x.reshape(-1, x.shape[-1])[m].detach().float().cpu())
-            acc["idx"].setdefault(li, []).append(idx.reshape(-1, idx.shape[-1])[m].detach().cpu())
-            acc["w"].setdefault(li, []).append(w.reshape(-1, w.shape[-1])[m].detach().float().cpu())
+    def collect(i, decoder_layer, state):
+        return MoECollector(by_index[i], state, keep_inputs) if i in by_index else NoHooks()
 
-        def post(mod, args, out, li=li):
-            z = out[0] if isinstance(out, tuple) else out
-            acc["logits"].setdefault(li, []).append(z.reshape(-1, z.shape[-1])[state.flat].detach().float().cpu())
-
-        handles += [layer.experts.register_forward_pre_hook(pre), layer.router.register_forward_hook(post)]
-    with _hooks(handles):
-        run_calibration(model, calib, state, batch_size)
-    for key, dst in (("x", cap.x), ("logits", cap.logits), ("idx", cap.topk_idx), ("w", cap.topk_w)):
-        for li, parts in acc[key].items():
-            dst[li] = torch.cat(parts)
-    return cap
+    return collect, by_index
 
 
 def selection_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:

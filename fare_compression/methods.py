@@ -6,12 +6,18 @@ import importlib
 import time
 from dataclasses import dataclass
 
+from fare_core.errors import FareError
+
 from .calibration import CALIBRATION_KEYS, calibration_from_params
+from .layerwise import check_pipeline, resolve_device
 
 INSTALL_HINT = "install the 'compress' extra: pip install 'fare-moe[compress]' (or pip install --no-deps -r requirements-compress.txt)"
+#: Parameters every method takes (``compression_device=cuda`` in fare_moe model_args): where each
+#: decoder layer is computed, and the driver (layerwise, or the whole-model one kept for comparison).
+RUN_PARAMS = ("device", "pipeline")
 
 
-class MissingBackendError(ImportError):
+class MissingBackendError(FareError, ImportError):
     """A compression method's library is not installed; the message names the extra to install."""
 
 
@@ -31,7 +37,8 @@ METHODS: dict[str, Method] = {
     "sparsegpt": Method("sparsity:run", _SPARSE + ("blocksize", "percdamp"), True, (), (("method", "sparsegpt"),)),
     "prune_frequency": Method("expert_prune:run", ("ratio", "batch_size"), True, (), (("score", "frequency"),)),
     "prune_reap": Method("expert_prune:run", ("ratio", "batch_size"), True, (), (("score", "reap"),)),
-    "hc_smoe": Method("hcsmoe:run", ("num_clusters", "ratio", "linkage", "cluster", "freq_topk", "batch_size"), True),
+    "hc_smoe": Method("hcsmoe:run", ("num_clusters", "ratio", "linkage", "cluster", "freq_topk", "seed", "batch_size"),
+                      True),
     "bnb_int8": Method("bnb:run", ("threshold", "experts"), False, ("bitsandbytes",), (("bits", 8),)),
     "bnb_nf4": Method("bnb:run", ("quant_type", "double_quant", "experts"), False, ("bitsandbytes",), (("bits", 4),)),
     "gptq_w4a16": Method("gptq:run", ("dampening_frac", "block_size", "batch_size", "group_size"), True,
@@ -69,30 +76,42 @@ def require_backends(method: str, names: tuple[str, ...]) -> None:
         raise MissingBackendError(f"compression method {method!r} needs {', '.join(missing)}, which is not installed; {INSTALL_HINT}")
 
 
-def apply_compression(model, method: str, params: dict | None = None, tokenizer=None):
+def apply_compression(model, method: str, params: dict | None = None, tokenizer=None, *, device=None,
+                      pipeline: str | None = None, progress: bool = True):
     """Compress ``model`` in place with ``method`` and its ``params``; returns the model.
 
     Calibrated methods take ``calib_<key>`` params (keys: n, seq_len, p, seed, general, safety,
-    stats_tokens, chat); the record of what was done is stored on ``model.fare_compression``.
+    stats_tokens, chat). ``device`` (also accepted as ``params["device"]``): where each decoder
+    layer is computed ("auto", "cpu", "cuda", "cuda:1"; default: the accelerator if there is one);
+    layers whose weights live on CPU are moved there one at a time and back. ``pipeline``
+    (or ``params["pipeline"]``): "layerwise" (default) or "model" (the whole-model driver, for
+    comparison). The record of what was done is stored on ``model.fare_compression``.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
+        raise FareError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
     spec = METHODS[method]
     params = {k: coerce(v) for k, v in (params or {}).items()}
+    device = params.pop("device", None) if device is None else device
+    pipeline = params.pop("pipeline", None) if pipeline is None else pipeline
+    params.pop("device", None), params.pop("pipeline", None)
     calib_keys = {f"calib_{k}" for k in CALIBRATION_KEYS} if spec.calibrated else set()
     unknown = sorted(set(params) - set(spec.params) - calib_keys)
     if unknown:
-        allowed = sorted(set(spec.params) | calib_keys)
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for method {method!r}; allowed: {', '.join(allowed)}")
+        allowed = sorted(set(spec.params) | calib_keys | set(RUN_PARAMS))
+        raise FareError(f"unknown parameter(s) {', '.join(unknown)} for method {method!r}; allowed: {', '.join(allowed)}")
+    dev = resolve_device(device)
+    pipeline = check_pipeline(pipeline or "layerwise")
     require_backends(method, spec.backends)
     module_name, _, func_name = spec.func.partition(":")
     func = getattr(importlib.import_module(f"fare_compression.{module_name}"), func_name)
     method_params = {k: v for k, v in params.items() if k in spec.params}
     calib = calibration_from_params(tokenizer, params) if spec.calibrated else None
     t0 = time.perf_counter()
-    model, info = func(model, calib=calib, tokenizer=tokenizer, **dict(spec.fixed), **method_params)
+    model, info = func(model, calib=calib, tokenizer=tokenizer, **dict(spec.fixed), **method_params,
+                       device=dev, pipeline=pipeline, progress=progress)
     record = {"method": method, "params": method_params, "details": info,
-              "seconds": round(time.perf_counter() - t0, 3)}
+              "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "pipeline": pipeline,
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if calib is not None:
         record["calibration"] = calib.manifest
     model.fare_compression = record

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fare_core.adapters import EXPERT_COUNT_FIELDS, MoELayer, moe_layers
+from fare_core.errors import FareError
 
 
 def _text_config(model):
@@ -41,7 +42,7 @@ def _expert_dim(name: str, t: torch.Tensor, num_experts: int, experts_container:
     """The dimension of ``t`` indexing experts, or None when ``t`` has none."""
     if experts_container:  # fused expert tensors always lead with the expert dimension
         if t.dim() == 0 or t.shape[0] != num_experts:
-            raise ValueError(f"expert tensor {name}{tuple(t.shape)} does not lead with {num_experts} experts")
+            raise FareError(f"expert tensor {name}{tuple(t.shape)} does not lead with {num_experts} experts")
         return 0
     dims = [d for d, s in enumerate(t.shape) if s == num_experts]
     if not dims:
@@ -49,7 +50,7 @@ def _expert_dim(name: str, t: torch.Tensor, num_experts: int, experts_container:
     if len(dims) > 1:
         if name.endswith("weight") and dims[0] == 0:  # router weight [E, H] with H == E
             return 0
-        raise ValueError(f"{name}{tuple(t.shape)}: ambiguous expert dimension (several dims of size {num_experts})")
+        raise FareError(f"{name}{tuple(t.shape)}: ambiguous expert dimension (several dims of size {num_experts})")
     return dims[0]
 
 
@@ -87,42 +88,42 @@ def _group_count(layer: MoELayer) -> int:
 def validate_keep(layers: list[MoELayer], keep: dict[int, list[int]]) -> dict[int, torch.Tensor]:
     """Check ``keep`` against the model's MoE layers; return sorted id tensors per layer index."""
     if not isinstance(keep, dict) or not keep:
-        raise ValueError("keep must be a non-empty dict {decoder-layer index: [expert ids]}")
+        raise FareError("keep must be a non-empty dict {decoder-layer index: [expert ids]}")
     indices = [layer.index for layer in layers]
     extra = sorted(set(keep) - set(indices))
     if extra:
-        raise ValueError(f"keep names layers {extra} that are not MoE layers; MoE layers are {indices}")
+        raise FareError(f"keep names layers {extra} that are not MoE layers; MoE layers are {indices}")
     missing = sorted(set(indices) - set(keep))
     if missing:
-        raise ValueError(
+        raise FareError(
             f"keep must list every MoE layer (the config holds one expert count); missing layers {missing}"
         )
     counts = {li: len(ids) for li, ids in keep.items()}
     if len(set(counts.values())) != 1:
-        raise ValueError(f"every MoE layer must keep the same number of experts; got counts {counts}")
+        raise FareError(f"every MoE layer must keep the same number of experts; got counts {counts}")
     out = {}
     for layer in layers:
         ids = list(keep[layer.index])
         E, k = layer.num_experts, layer.top_k
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < E]
         if bad:
-            raise ValueError(f"layer {layer.index}: expert ids {bad} out of range; allowed 0..{E - 1}")
+            raise FareError(f"layer {layer.index}: expert ids {bad} out of range; allowed 0..{E - 1}")
         if len(set(ids)) != len(ids):
-            raise ValueError(f"layer {layer.index}: duplicate expert ids in {ids}")
+            raise FareError(f"layer {layer.index}: duplicate expert ids in {ids}")
         if len(ids) < k:
-            raise ValueError(f"layer {layer.index}: keeping {len(ids)} experts, fewer than top_k={k}")
+            raise FareError(f"layer {layer.index}: keeping {len(ids)} experts, fewer than top_k={k}")
         G = _group_count(layer)
         if G > 1:
             t = torch.tensor(ids)
             per_group = torch.bincount(t // (E // G), minlength=G).tolist()
             if len(set(per_group)) != 1:
-                raise ValueError(
+                raise FareError(
                     f"layer {layer.index}: group-limited router with {G} groups of {E // G} experts needs the "
                     f"same number kept per group; got {per_group}"
                 )
             topk_group = getattr(layer.router, "topk_group", G)
             if per_group[0] * topk_group < k:
-                raise ValueError(
+                raise FareError(
                     f"layer {layer.index}: {per_group[0]} kept per group x topk_group={topk_group} < top_k={k}"
                 )
         out[layer.index] = torch.tensor(sorted(ids), dtype=torch.long)
@@ -141,10 +142,10 @@ def prune_experts(model: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
     cfg = _text_config(model)
     E = layers[0].num_experts
     if any(layer.num_experts != E for layer in layers):
-        raise ValueError("MoE layers disagree on the expert count; cannot prune")
+        raise FareError("MoE layers disagree on the expert count; cannot prune")
     fields = _count_fields(cfg, E)
     if not fields:
-        raise ValueError(f"no config field among {EXPERT_COUNT_FIELDS} holds the expert count {E}")
+        raise FareError(f"no config field among {EXPERT_COUNT_FIELDS} holds the expert count {E}")
     E_new = len(next(iter(ids.values())))
     for layer in layers:
         kt = ids[layer.index]

@@ -1,8 +1,10 @@
 """Unstructured and N:M weight sparsity with routed experts included (compression_specs.md section 6).
 
-Targets: every ``nn.Linear`` inside the decoder layers (attention, dense/shared MLPs; never
-routers nor the 1-output ``shared_expert_gate``; never embeddings or ``lm_head``) plus every
-routed expert's ``gate_up_proj[e]`` ([2I,H], rows are outputs) and ``down_proj[e]`` ([H,I]).
+Targets (logical matrices, each pruned separately): every ``nn.Linear`` inside the decoder layers
+(attention projections, dense/shared MLPs; never routers nor the 1-output ``shared_expert_gate``;
+never embeddings or ``lm_head``) plus, per routed expert e, ``gate`` = ``gate_up_proj[e, :I]``,
+``up`` = ``gate_up_proj[e, I:]`` (the fused [2I,H] tensor is split as llm-compressor's per-expert
+Linears and the dense references do) and ``down`` = ``down_proj[e]``.
 
 * magnitude (wanda repo ``prune_magnitude``): zero the int(s * numel) smallest |W| of each matrix;
   N:M: the N smallest |W| of every M consecutive input columns of each row.
@@ -10,13 +12,16 @@ routed expert's ``gate_up_proj[e]`` ([2I,H], rows are outputs) and ``down_proj[e
   lowest; N:M per row-group; no weight update.
 * SparseGPT (Frantar & Alistarh 2023, ``fasterprune``): H = 2/n sum x x^T, dead columns zeroed,
   damping 0.01 * mean diag H, upper Cholesky of H^-1, columns in blocks of 128; mask per block =
-  the lowest s fraction of w^2 / [H^-1]_jj^2 over the block (exactly int(s * numel), the reference's
-  ``<=`` threshold can take one more), N:M per row-group; OBS error propagation.
+  the lowest w^2 / [H^-1]_jj^2 over the block, N:M per row-group; OBS error propagation. Block b
+  (columns [i1, i2)) prunes int(s * rows * i2) - int(s * rows * i1) weights, so every matrix gets
+  exactly int(s * numel) zeros (the reference's per-block int(s * rows * 128) whenever that is an
+  integer, e.g. s = 0.5 with an even row count; it can drift by one per block otherwise).
 
-Calibrated methods run sequentially, decoder layer by decoder layer: layer l's statistics come
-from the model whose layers < l are already pruned (forward stops after layer l). Expert statistics
-use every stat token for every expert (``tokens="all"``, llm-compressor's moe_calibrate_all_experts
-default) or only the tokens routed to it (``tokens="routed"``).
+Calibrated methods run sequentially, decoder layer by decoder layer (:mod:`fare_compression.layerwise`):
+layer l's statistics come from its inputs as produced by the already-pruned layers < l. Statistics
+accumulate in float64 on the compute device. Expert statistics use every stat token for every expert
+(``tokens="all"``, llm-compressor's moe_calibrate_all_experts default; gate and up share their
+input statistics) or only the tokens routed to it (``tokens="routed"``).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import torch
 from torch import nn
 
 from fare_core.adapters import model_type_of, moe_layers
+from fare_core.errors import FareError
 
 from .calibration import CalibrationSet
 from .expert_prune import check_ratio
-from .hooks import MaskState, check_layout, expert_hidden, run_calibration
+from .hooks import MaskState, check_layout, expert_hidden
+from .layerwise import decoder_layers, visit_layers
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 TOKEN_MODES = ("all", "routed")
@@ -42,13 +49,19 @@ class Target:
     layer: int
     module: nn.Module  # the Linear, or the experts container
     expert: int | None = None  # expert id for fused tensors
-    part: str = "weight"  # "weight" | "gate_up_proj" | "down_proj"
+    part: str = "weight"  # "weight" | "gate" | "up" | "down"
+    stat: str = ""  # key of the input statistics (shared by matrices reading the same input)
 
     @property
     def weight(self) -> torch.Tensor:
+        """The logical matrix (a view into the fused tensor for experts)."""
         if self.expert is None:
             return self.module.weight.data
-        return getattr(self.module, self.part).data[self.expert]
+        if self.part == "down":
+            return self.module.down_proj.data[self.expert]
+        gu = self.module.gate_up_proj.data[self.expert]
+        half = gu.shape[0] // 2
+        return gu[:half] if self.part == "gate" else gu[half:]
 
 
 def parse_structure(structure) -> tuple[int, int]:
@@ -58,22 +71,14 @@ def parse_structure(structure) -> tuple[int, int]:
     try:
         n, m = (int(v) for v in str(structure).split(":"))
     except ValueError:
-        raise ValueError(f"structure={structure!r}; allowed: unstructured or N:M such as 2:4") from None
+        raise FareError(f"structure={structure!r}; allowed: unstructured or N:M such as 2:4") from None
     if not 0 < n < m:
-        raise ValueError(f"structure={structure!r}: need 0 < N < M")
+        raise FareError(f"structure={structure!r}: need 0 < N < M")
     return n, m
 
 
-def decoder_layers(model) -> list[nn.Module]:
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(dec, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder .layers found")
-    return list(layers)
-
-
-def targets(model) -> dict[int, list[Target]]:
-    """Prunable matrices per decoder layer index."""
+def targets(model, tokens: str = "all") -> dict[int, list[Target]]:
+    """Prunable logical matrices per decoder layer index."""
     moe = {l.index: l for l in moe_layers(model)}
     mt = model_type_of(model)
     out: dict[int, list[Target]] = {}
@@ -85,12 +90,14 @@ def targets(model) -> dict[int, list[Target]]:
             if isinstance(mod, nn.Linear) and id(mod) not in routers and mod.out_features > 1:
                 if i in moe and mod.out_features == moe[i].num_experts and "gate" in name:
                     continue  # a Linear router
-                ts.append(Target(f"layers.{i}.{name}", i, mod))
+                ts.append(Target(f"layers.{i}.{name}", i, mod, stat=f"layers.{i}.{name}"))
         if experts is not None:
             check_layout(moe[i], mt)
             for e in range(moe[i].num_experts):
-                for part in ("gate_up_proj", "down_proj"):
-                    ts.append(Target(f"layers.{i}.experts.{e}.{part}", i, experts, e, part))
+                x_in = f"layers.{i}.experts.in" if tokens == "all" else f"layers.{i}.experts.{e}.in"
+                for part in ("gate", "up", "down"):
+                    stat = f"layers.{i}.experts.{e}.down_in" if part == "down" else x_in
+                    ts.append(Target(f"layers.{i}.experts.{e}.{part}_proj", i, experts, e, part, stat))
         out[i] = ts
     return out
 
@@ -100,7 +107,7 @@ def targets(model) -> dict[int, list[Target]]:
 
 def _lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k lowest entries of a flat score (stable: lower index first on ties)."""
-    m = torch.zeros(score.numel(), dtype=torch.bool)
+    m = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
         m[torch.argsort(score.flatten(), stable=True)[:k]] = True
     return m.view(score.shape)
@@ -123,9 +130,10 @@ def score_mask(score: torch.Tensor, ratio: float, n: int, m: int, per_row: bool)
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, ratio: float, n: int = 0, m: int = 0,
                     blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """SparseGPT ``fasterprune`` on W [rows, cols] with Hessian H [cols, cols]; returns the new W."""
+    """SparseGPT ``fasterprune`` on W [rows, cols] with Hessian H [cols, cols] (float64 on W's device);
+    returns the new W. Unstructured: exactly int(ratio * numel) zeros (module docstring)."""
     W = W.double().clone()
-    H = H.double().clone()
+    H = H.to(W.device).double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -133,7 +141,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, ratio: float, n: int = 0, 
     damp = percdamp * torch.mean(torch.diag(H))
     for attempt in range(5):
         try:
-            L = torch.linalg.cholesky(H + damp * (10 ** attempt) * torch.eye(cols, dtype=H.dtype))
+            L = torch.linalg.cholesky(H + damp * (10 ** attempt) * torch.eye(cols, dtype=H.dtype, device=H.device))
             Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
             break
         except RuntimeError:
@@ -149,7 +157,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, ratio: float, n: int = 0, 
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         if n == 0:
-            mask1 = _lowest(W1 ** 2 / d.reshape(1, -1) ** 2, int(W1.numel() * ratio))
+            rows = W1.shape[0]
+            mask1 = _lowest(W1 ** 2 / d.reshape(1, -1) ** 2, int(ratio * rows * i2) - int(ratio * rows * i1))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(count):
@@ -172,7 +181,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, ratio: float, n: int = 0, 
 
 
 class _Stats:
-    """Per target: sum_j x_j^2 (Wanda) or sum x x^T (SparseGPT) and the token count."""
+    """Per input: sum_j x_j^2 (Wanda) or sum x x^T (SparseGPT) in float64 and the token count."""
 
     def __init__(self, kind: str):
         self.kind, self.acc, self.n = kind, None, 0
@@ -192,88 +201,106 @@ class _Stats:
         return 2 * self.acc / self.n
 
 
-def _collect(model, calib, layer_module, ts: list[Target], kind: str, tokens: str, batch_size: int):
-    state = MaskState()
-    stats = {t.name: _Stats(kind) for t in ts}
-    handles = []
-    for t in ts:
-        if t.expert is None:
-            def pre(mod, args, t=t):
-                x = args[0]
-                x = x.reshape(-1, x.shape[-1])
-                if state.flat is not None and x.shape[0] == state.flat.numel():
-                    x = x[state.flat]
-                stats[t.name].add(x.detach().cpu())
-            handles.append(t.module.register_forward_pre_hook(pre))
-    exp_ts = [t for t in ts if t.expert is not None]
-    if exp_ts:
-        ex = exp_ts[0].module
+class StatsCollector:
+    """Statistics hooks on one decoder layer's targets (Linear inputs; experts' inputs and
+    intermediate activations), reading the stat-token mask from ``state.flat``."""
 
-        def epre(mod, args):
-            x, idx = args[0], args[1]
-            m = state.flat
-            x, idx = x.reshape(-1, x.shape[-1])[m], idx.reshape(-1, idx.shape[-1])[m]
-            for e in range(mod.gate_up_proj.shape[0]):
-                xe = x if tokens == "all" else x[(idx == e).any(-1)]
-                stats[f"{_prefix(exp_ts[0])}.{e}.gate_up_proj"].add(xe.detach().cpu())
-                stats[f"{_prefix(exp_ts[0])}.{e}.down_proj"].add(expert_hidden(mod, e, xe).detach().cpu())
-        handles.append(ex.register_forward_pre_hook(epre))
-    try:
-        run_calibration(model, calib, state, batch_size, stop_after=layer_module)
-    finally:
-        for h in handles:
+    def __init__(self, ts: list[Target], kind: str, tokens: str, state: MaskState):
+        self.stats = {t.stat: _Stats(kind) for t in ts}
+        self._handles = []
+        seen = set()
+        for t in ts:
+            if t.expert is None and id(t.module) not in seen:
+                seen.add(id(t.module))
+                self._handles.append(t.module.register_forward_pre_hook(self._linear_hook(t.stat, state)))
+        exp = [t for t in ts if t.expert is not None]
+        if exp:
+            prefix = exp[0].stat.rsplit(".experts.", 1)[0] + ".experts"
+
+            def epre(mod, args):
+                m = state.flat
+                x, idx = args[0], args[1]
+                x, idx = x.reshape(-1, x.shape[-1])[m], idx.reshape(-1, idx.shape[-1])[m]
+                if tokens == "all":
+                    self.stats[f"{prefix}.in"].add(x.detach())
+                for e in range(mod.gate_up_proj.shape[0]):
+                    xe = x if tokens == "all" else x[(idx == e).any(-1)]
+                    if tokens != "all":
+                        self.stats[f"{prefix}.{e}.in"].add(xe.detach())
+                    self.stats[f"{prefix}.{e}.down_in"].add(expert_hidden(mod, e, xe).detach())
+
+            self._handles.append(exp[0].module.register_forward_pre_hook(epre))
+
+    def _linear_hook(self, key: str, state: MaskState):
+        def pre(mod, args):
+            x = args[0]
+            x = x.reshape(-1, x.shape[-1])
+            if state.flat is not None and x.shape[0] == state.flat.numel():
+                x = x[state.flat]
+            self.stats[key].add(x.detach())
+        return pre
+
+    def remove(self) -> None:
+        for h in self._handles:
             h.remove()
-    return stats
+        self._handles = []
 
 
-def _prefix(t: Target) -> str:
-    return t.name.rsplit(".", 2)[0]
+@torch.no_grad()
+def prune_target(t: Target, method: str, ratio: float, n: int, m: int, stats: dict | None,
+                 blocksize: int = 128, percdamp: float = 0.01) -> None:
+    """Prune one logical matrix in place."""
+    W = t.weight
+    if method == "magnitude":
+        new = W.masked_fill(score_mask(W.abs().float(), ratio, n, m, per_row=False), 0)
+    elif method == "wanda":
+        norm = stats[t.stat].wanda_norm(W.shape[1]).to(W.device)
+        new = W.masked_fill(score_mask(W.double().abs() * norm.view(1, -1), ratio, n, m, per_row=True), 0)
+    else:
+        H = stats[t.stat].hessian(W.shape[1])
+        new = sparsegpt_prune(W, H, ratio, n, m, blocksize, percdamp).to(W.dtype)
+    W.copy_(new)
 
 
 @torch.no_grad()
 def sparsify(model, method: str, ratio=0.5, structure="unstructured", calib: CalibrationSet | None = None,
-             tokens: str = "all", batch_size: int = 4, blocksize: int = 128, percdamp: float = 0.01):
+             tokens: str = "all", batch_size: int = 4, blocksize: int = 128, percdamp: float = 0.01,
+             device=None, pipeline: str = "layerwise", progress: bool = True):
     """Prune weights in place with ``method`` in {magnitude, wanda, sparsegpt}; returns (model, info)."""
     if method not in METHODS:
-        raise ValueError(f"unknown sparsity method {method!r}; allowed: {', '.join(METHODS)}")
+        raise FareError(f"unknown sparsity method {method!r}; allowed: {', '.join(METHODS)}")
     n, m = parse_structure(structure)
     ratio = n / m if n else check_ratio(ratio)
     if tokens not in TOKEN_MODES:
-        raise ValueError(f"tokens={tokens!r}; allowed: {', '.join(TOKEN_MODES)}")
-    per_layer = targets(model)
+        raise FareError(f"tokens={tokens!r} is not allowed; choose one of: {', '.join(TOKEN_MODES)}")
+    per_layer = targets(model, tokens)
     if n:
         for ts in per_layer.values():
             for t in ts:
                 cols = t.weight.shape[1]
                 if cols % m:
-                    raise ValueError(f"{structure} sparsity needs the input dimension divisible by {m}; "
-                                     f"{t.name} has {cols} input columns")
+                    raise FareError(f"{structure} sparsity needs the input dimension divisible by {m}; "
+                                    f"{t.name} has {cols} input columns")
     if method != "magnitude" and calib is None:
-        raise ValueError(f"{method} needs a calibration set")
-    dls = decoder_layers(model)
-    pruned = 0
-    total = 0
-    for i, ts in per_layer.items():
-        if not ts:
-            continue
-        stats = None if method == "magnitude" else _collect(model, calib, dls[i], ts, method, tokens, batch_size)
-        for t in ts:
-            W = t.weight
-            if method == "magnitude":
-                mask = score_mask(W.abs().float(), ratio, n, m, per_row=False)
-                new = W.masked_fill(mask.to(W.device), 0)
-            elif method == "wanda":
-                norm = stats[t.name].wanda_norm(W.shape[1]).to(W.device)
-                mask = score_mask((W.double().abs() * norm.view(1, -1)), ratio, n, m, per_row=True)
-                new = W.masked_fill(mask.to(W.device), 0)
-            else:
-                H = stats[t.name].hessian(W.shape[1])
-                new = sparsegpt_prune(W.cpu(), H, ratio, n, m, blocksize, percdamp).to(W.device, W.dtype)
-            W.copy_(new)
-            pruned += int((W == 0).sum())
-            total += W.numel()
+        raise FareError(f"{method} needs a calibration set")
+    counts = {"pruned": 0, "total": 0}
+
+    def collect(i, layer, state):
+        return StatsCollector(per_layer.get(i, []), method, tokens, state)
+
+    def process(i, layer, col):
+        for t in per_layer.get(i, []):
+            prune_target(t, method, ratio, n, m, col.stats if col is not None else None, blocksize, percdamp)
+            counts["pruned"] += int((t.weight == 0).sum())
+            counts["total"] += t.weight.numel()
+
+    visit_layers(model, calib if method != "magnitude" else None, process,
+                 collect if method != "magnitude" else None, sequential=True, device=device,
+                 batch_size=batch_size, pipeline=pipeline, what=method, progress=progress)
     info = {"method": method, "ratio": ratio, "structure": "unstructured" if not n else f"{n}:{m}",
-            "expert_tokens": tokens, "sequential": method != "magnitude", "zero_fraction": pruned / max(total, 1)}
+            "expert_tokens": tokens, "sequential": method != "magnitude",
+            "matrices": "gate, up, down of every expert and every decoder Linear pruned separately",
+            "zero_fraction": counts["pruned"] / max(counts["total"], 1)}
     return model, info
 
 

@@ -57,6 +57,8 @@ class FareMoeLM(HFLM):
                 getattr(pretrained, "config", None), "name_or_path", None)
         if rest.get("device") is None:
             rest["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if fare.compression and rest.get("dtype") is None:  # as `fare compress --dtype auto`
+            rest["dtype"] = "float32" if str(rest["device"]).startswith("cpu") else "bfloat16"
         super().__init__(pretrained=pretrained, **rest)
         self.routing = RoutingController.of(self.model)  # NotMoEError / UnsupportedMoEError here
         if isinstance(pretrained, str) and (Path(pretrained) / "fare_compression.json").is_file():
