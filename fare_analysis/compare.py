@@ -66,41 +66,43 @@ def _fare_task_index() -> dict:
     return TaskIndex.build([Path(TASK_DIR)])
 
 
-@lru_cache(maxsize=1)
-def _lm_eval_task_index() -> dict:
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager().task_index
-
-
 @lru_cache(maxsize=None)
-def installed_metric_list(task: str) -> tuple:
+def installed_metric_list(task: str, config_source: str | None = None) -> tuple:
     """``metric_list`` of the installed lm-eval config of ``task`` with ``!function`` resolved.
 
-    Looked up by task name (fare-moe's task_configs first, then lm-eval's own tasks), never from a
-    path recorded in the run: a results file does not decide which code runs.
+    fare-moe's tasks are looked up by name in its task_configs; another task by the YAML path the
+    run logged (``metadata.config_source``) only when that file lies inside lm-eval's own task
+    folder: a results file never decides which code runs.
     """
+    import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = _fare_task_index().get(task) or _lm_eval_task_index().get(task)
-    if entry is None or entry.yaml_path is None:
+    entry = _fare_task_index().get(task)
+    path = entry.yaml_path if entry is not None else None
+    if path is None and config_source:
+        trusted = Path(lm_eval.tasks.__file__).resolve().parent
+        candidate = Path(config_source).resolve()
+        if candidate.is_file() and candidate.is_relative_to(trusted):
+            path = candidate
+    if path is None:
         return ()
-    return tuple(load_yaml(entry.yaml_path, resolve_func=True).get("metric_list") or ())
+    return tuple(load_yaml(path, resolve_func=True).get("metric_list") or ())
 
 
-def resolve_aggregation(task: str, metric: str, logged) -> tuple[Callable | None, str]:
+def resolve_aggregation(task: str, metric: str, logged, config_source: str | None = None) -> tuple[Callable | None, str]:
     """(the task's own aggregation function, note). ``logged`` is the run's ``aggregation`` entry."""
     if isinstance(logged, str) and "(" not in logged and " " not in logged:
         from lm_eval.api.registry import get_aggregation
 
         fn = get_aggregation(logged)
         return fn, "" if fn else f"aggregation {logged!r} is not registered in lm-eval"
-    installed = {m.get("metric"): m.get("aggregation") for m in installed_metric_list(task)}
+    installed = {m.get("metric"): m.get("aggregation") for m in installed_metric_list(task, config_source)}
     fn = installed.get(metric)
     if isinstance(fn, str):
-        return resolve_aggregation(task, metric, fn)
+        return resolve_aggregation(task, metric, fn, config_source)
     if not callable(fn):
-        return None, f"no installed lm-eval config of task {task} defines an aggregation for {metric}"
+        return None, (f"no installed task config of {task} (fare-moe's or lm-eval's) defines the aggregation of "
+                      f"{metric}; install the package that provides the task")
     note = ""
     if isinstance(logged, str) and logged.startswith("def "):
         try:
@@ -244,7 +246,7 @@ def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstr
                     res = paired_comparison([a for a, _ in nums], [b for _, b in nums], name=f"{task}/{name}",
                                             seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
                 else:
-                    fn, note = resolve_aggregation(task, metric, agg)
+                    fn, note = resolve_aggregation(task, metric, agg, (cfg.get("metadata") or {}).get("config_source"))
                     if fn is None:
                         cmp.not_compared.append({**row, "reason": note})
                         continue

@@ -14,7 +14,7 @@ measures, per task (and per prompt category where the task has one):
   sentence chrF of the run's text against the base's, 0-100, mean over prompts);
 * log-likelihood multiple-choice tasks (BBQ, TruthfulQA, CrowS-Pairs, StereoSet): ``answer_flip``
   = share of items whose chosen answer changed (argmax of the logged log-likelihoods; StereoSet by
-  the task's per-byte scores; CrowS: the preferred sentence) and ``gold_abs_dloglik`` = mean
+  the task's own candidate scores; CrowS: the preferred sentence) and ``gold_abs_dloglik`` = mean
   |delta log-likelihood| of the gold choice; rolling/plain log-likelihood tasks: ``abs_dloglik``.
 
 Every value is a mean over paired items with a percentile bootstrap 95% CI (1,000 resamples).
@@ -127,11 +127,11 @@ def _loglikelihoods(filtered) -> list[float] | None:
 
 def choose(task: str, doc: dict, lls: list[float]) -> int:
     """The answer the task scores: argmax of the log-likelihoods (first on ties, as lm-eval's acc);
-    StereoSet by its own per-byte normalisation (fare_tasks.stereoset.per_byte)."""
+    StereoSet by its own candidate scores (per token or per byte: fare_tasks.stereoset.candidate_scores)."""
     if task.startswith("fare_stereoset") and isinstance(doc, dict) and "sentences" in doc:
-        from fare_tasks.stereoset import per_byte
+        from fare_tasks.stereoset import candidate_scores
 
-        lls = per_byte([(ll, False) for ll in lls], doc["sentences"])
+        lls = candidate_scores(doc, [(ll, False) for ll in lls])
     return int(np.argmax(lls))
 
 

@@ -231,19 +231,26 @@ def eval_settings(results: dict, tasks: dict[str, Path]) -> dict:
     }
 
 
+IDENTITY_KEYS = ("model", "revision", "method", "method_params", "p", "intervention", "lam", "layers", "mask")
+PER_TASK_KEYS = ("fewshot", "judge", "task_versions")
+
+
+def _merge_settings(per_file: list[tuple[list[str], dict]]) -> dict:
+    """Settings of several results files of one folder: per-task keys merged; a scalar setting that
+    differs between files becomes ``{task: value}``."""
+    out: dict = {}
+    for key in EVAL_KEYS:
+        if key in PER_TASK_KEYS:
+            out[key] = dict(sorted({t: v for _, s in per_file for t, v in (s.get(key) or {}).items()}.items()))
+            continue
+        by_task = {t: s.get(key) for tasks, s in per_file for t in tasks}
+        distinct = {json.dumps(v, sort_keys=True, default=str) for _, s in per_file for v in [s.get(key)]}
+        out[key] = per_file[-1][1].get(key) if len(distinct) <= 1 else dict(sorted(by_task.items()))
+    return out
+
+
 def _load_lm_eval(folder: Path, results_paths: list[Path]) -> Run:
     results_paths = sorted(results_paths, key=lambda p: p.name)  # timestamp suffix: oldest first
-    models = {}
-    merged: dict = {"configs": {}, "results": {}, "n-shot": {}, "versions": {}}
-    for path in results_paths:
-        obj = _read_json(path, folder)
-        models.setdefault(json.dumps(lm_eval_identity(obj)["model"]), path.parent)
-        for key in ("configs", "results", "n-shot", "versions"):
-            merged[key].update(obj.get(key) or {})
-        merged.update({k: v for k, v in obj.items() if k not in ("configs", "results", "n-shot", "versions")})
-    if len(models) > 1:
-        names = ", ".join(f"{json.loads(m)} ({d})" for m, d in models.items())
-        raise FareError(f"{folder}: holds runs of several models ({names}); pass one model's sub-folder")
     samples: dict[str, Path] = {}
     for path in sorted(folder.rglob("samples_*.jsonl"), key=lambda p: p.name):
         samples[_task_of(path)] = path  # newest timestamp wins
@@ -253,9 +260,25 @@ def _load_lm_eval(folder: Path, results_paths: list[Path]) -> Run:
     for task, path in samples.items():
         if path.stat().st_size == 0:
             raise FareError(f"{folder}: {path.name} is empty; re-run lm_eval --log_samples for task {task}")
-    identity = lm_eval_identity(merged)
-    return Run(path=folder, kind="lm-eval", identity=identity, tasks=samples, task_configs=merged["configs"],
-               eval_config=eval_settings(merged, samples), results=merged["results"], results_files=results_paths)
+    identities: dict[str, Path] = {}
+    merged: dict = {"configs": {}, "results": {}}
+    per_file = []
+    for path in results_paths:
+        obj = _read_json(path, folder)
+        ident = lm_eval_identity(obj)
+        identities.setdefault(json.dumps({k: ident[k] for k in IDENTITY_KEYS}, sort_keys=True, default=str), path)
+        tasks = sorted(obj.get("configs") or {})
+        per_file.append((tasks, eval_settings(obj, {t: samples[t] for t in tasks if t in samples})))
+        for key in ("configs", "results"):
+            merged[key].update(obj.get(key) or {})
+        merged.update({k: v for k, v in obj.items() if k not in ("configs", "results")})
+    if len(identities) > 1:
+        labels = "; ".join(f"{lm_eval_identity(_read_json(p, folder))['label']} ({p.name})" for p in identities.values())
+        raise FareError(f"{folder}: holds runs of different models or configurations ({labels}); give each run "
+                        "its own --output_path")
+    return Run(path=folder, kind="lm-eval", identity=lm_eval_identity(merged), tasks=samples,
+               task_configs=merged["configs"], eval_config=_merge_settings(per_file), results=merged["results"],
+               results_files=results_paths)
 
 
 def load_run(path) -> Run:

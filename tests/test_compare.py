@@ -1,19 +1,26 @@
-"""fare compare: paired comparison of two lm-eval runs from --log_samples files."""
+"""fare compare: every metric of two runs, paired by doc_hash (SPEC section 12)."""
 
+import csv
 import json
 
+import numpy as np
 import pytest
+from helpers_runs import bbq_item, crows_item, metric_list, write_run, xstest_item
+from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from fare_analysis.compare import compare_runs, main
+from fare_core.errors import FareError
+from fare_tasks.metrics import parity_gap
 
 
-def _run(dir_, values, gap):
-    """A fake lm-eval output folder: one task with a mean metric and a non-mean one."""
+def _toy_run(dir_, values, gap):
+    """A hand-written lm-eval folder: one uninstalled task with a mean metric and a custom one."""
     sub = dir_ / "model"
     sub.mkdir(parents=True)
     cfg = {"configs": {"toy": {"metric_list": [{"metric": "pref", "aggregation": "mean"},
-                                               {"metric": "gap", "aggregation": "def gap(items): ..."}]}}}
+                                               {"metric": "gap", "aggregation": "def gap(items): ..."}]}},
+           "config": {"model_args": "pretrained=m"}}
     (sub / "results_2026-01-01T00-00-00.json").write_text(json.dumps(cfg))
     with open(sub / "samples_toy_2026-01-01T00-00-00.jsonl", "w") as fh:
         for i, v in enumerate(values):
@@ -21,21 +28,142 @@ def _run(dir_, values, gap):
                                  "pref": v, "gap": gap}) + "\n")
 
 
-def test_compare_pairs_items_and_tests_only_mean_metrics(tmp_path):
+def test_mean_metric_exact_permutation_and_unresolvable_aggregate_is_listed(tmp_path):
     a = [1, 0, 1, 1, 0, 1, 0, 1]
     b = [0, 0, 0, 1, 0, 0, 0, 1]
-    _run(tmp_path / "base", a, 0.1)
-    _run(tmp_path / "arr", b, 0.2)
-    rows = compare_runs(tmp_path / "base", tmp_path / "arr", n_permutations=1000, n_bootstrap=200)
-    assert [r["metric"] for r in rows] == ["pref"]
-    (row,) = rows
+    _toy_run(tmp_path / "base", a, 0.1)
+    _toy_run(tmp_path / "arr", b, 0.2)
+    cmp = compare_runs(tmp_path / "base", tmp_path / "arr", n_permutations=1000, n_bootstrap=200)
+    (row,) = cmp.rows
+    assert row["metric"] == "pref" and row["kind"] == "mean"
     assert row["n"] == 8 and row["delta"] == pytest.approx((sum(b) - sum(a)) / 8)
     # three items changed 1 -> 0: all 2^3 sign patterns enumerated; |sum| = 3 only for the two extremes
     assert row["exact"] and row["pvalue"] == pytest.approx(2 / 8)
-    assert row["pvalue_bh"] == pytest.approx(multipletests([row["pvalue"]], method="fdr_bh")[1][0])
+    (skipped,) = cmp.not_compared
+    assert skipped["metric"] == "gap" and "no installed task config of toy" in skipped["reason"]
 
 
-def test_compare_cli_errors_without_samples(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "empty"), str(tmp_path / "empty")]) == 2
-    assert "no samples_*.jsonl" in capsys.readouterr().err
+def _crows_prefs(prefs, n_stereo=None):
+    return [crows_item(i, bool(p), stereo=(n_stereo is None or i < n_stereo)) for i, p in enumerate(prefs)]
+
+
+def test_crows_parity_gap_recomputed_with_the_task_function_matches_scipy(tmp_path):
+    a = [1, 1, 1, 1, 1, 0, 1, 0, 1, 1]
+    b = [1, 0, 1, 0, 0, 0, 1, 0, 1, 0]
+    write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs(a, 7)})
+    write_run(tmp_path / "run", {"fare_crows_pairs": _crows_prefs(b, 7)})
+    cmp = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=300, n_agg_permutations=2048, seed=3)
+    rows = {r["metric"]: r for r in cmp.rows}
+    gap = rows["parity_gap"]
+    assert gap["kind"] == "aggregate" and gap["n"] == 10
+    assert gap["mean_a"] == pytest.approx(abs(np.mean(a) - 0.5)) and gap["mean_b"] == pytest.approx(abs(np.mean(b) - 0.5))
+    assert gap["delta"] == pytest.approx(0.1 - 0.3)
+    # CI: the same paired resampling stream as scipy.stats.bootstrap(paired=True)
+    both = [float(x) for x in a + b]
+
+    def delta(idx, axis=-1):
+        idx = np.asarray(idx, dtype=int)
+        return parity_gap([both[10 + i] for i in idx]) - parity_gap([both[i] for i in idx])
+
+    ref = sps.bootstrap((np.arange(10),), delta, paired=True, vectorized=False, n_resamples=300,
+                        method="percentile", rng=np.random.default_rng(3))
+    assert (gap["ci_low"], gap["ci_high"]) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+    # p-value: exact label-swap permutation = scipy.stats.permutation_test(permutation_type="samples")
+    perm = sps.permutation_test((np.arange(10), np.arange(10, 20)),
+                                lambda x, y: parity_gap([both[i] for i in y]) - parity_gap([both[i] for i in x]),
+                                permutation_type="samples", vectorized=False, n_resamples=2048)
+    assert gap["exact"] and gap["pvalue"] == pytest.approx(perm.pvalue)
+    # pref_stereo (task's nan_mean over the 7 stereo pairs) and the plain mean metric
+    assert rows["pref_stereo"]["mean_a"] == pytest.approx(np.mean(a[:7]))
+    assert rows["pref_antistereo"]["mean_b"] == pytest.approx(np.mean(b[7:]))
+    assert rows["stereotype_preference"]["kind"] == "mean"
+
+
+def test_bbq_bias_scores_hand_worked(tmp_path):
+    # ambiguous items, gold = unknown (2), bias target = option 0
+    base_preds = [0, 0, 0, 0, 1, 1, 2, 2]  # acc 2/8; s_DIS = 2*4/6 - 1 = 1/3; s_AMB = 0.75 * 1/3 = 0.25
+    run_preds = [0, 0, 2, 2, 2, 2, 2, 2]  # acc 6/8; s_DIS = 2*2/2 - 1 = 1;   s_AMB = 0.25 * 1 = 0.25
+    write_run(tmp_path / "base", {"fare_bbq_1k": [bbq_item(i, p) for i, p in enumerate(base_preds)]})
+    write_run(tmp_path / "run", {"fare_bbq_1k": [bbq_item(i, p) for i, p in enumerate(run_preds)]})
+    cmp = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=100, n_agg_permutations=100)
+    rows = {r["metric"]: r for r in cmp.rows}
+    assert rows["acc_ambig"]["mean_a"] == pytest.approx(0.25) and rows["acc_ambig"]["delta"] == pytest.approx(0.5)
+    assert rows["bias_ambig"]["mean_a"] == pytest.approx(0.25) and rows["bias_ambig"]["mean_b"] == pytest.approx(0.25)
+    assert rows["bias_ambig"]["delta"] == pytest.approx(0.0)
+    assert rows["bias_ambig_Age"]["mean_a"] == pytest.approx(0.25)  # per category, same items
+    skipped = {r["metric"]: r["reason"] for r in cmp.not_compared}
+    assert "bias_ambig_SES" in skipped and "undefined" in skipped["bias_ambig_SES"]
+    # nothing dropped silently: every metric of the task is compared or listed with a reason
+    listed = {m["metric"] for m in metric_list("fare_bbq_1k")}
+    assert listed == set(rows) | set(skipped)
+
+
+def test_partial_metrics_on_items_both_runs_logged(tmp_path):
+    safe_a = [1, 1, 0, 0, 0, 0]
+    safe_b = [1, 0, 0, 1, 1, None]  # judge failed on the last safe item of the run
+    unsafe_a, unsafe_b = [1, 1, 0, 0], [1, 1, 1, 0]
+    def items(safe, unsafe):
+        return ([xstest_item(i, None if r is None else bool(r), label="safe") for i, r in enumerate(safe)]
+                + [xstest_item(10 + i, bool(r), label="unsafe", type_="contrast_homonyms") for i, r in enumerate(unsafe)])
+    write_run(tmp_path / "base", {"fare_xstest": items(safe_a, unsafe_a)})
+    write_run(tmp_path / "run", {"fare_xstest": items(safe_b, unsafe_b)})
+    cmp = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=100)
+    rows = {r["metric"]: r for r in cmp.rows}
+    over = rows["over_refusal"]
+    assert over["kind"] == "partial" and over["n"] == 5 and over["n_only_base"] == 1 and over["n_only_run"] == 0
+    assert over["delta"] == pytest.approx((3 - 2) / 5) and over["mean_a"] == pytest.approx(2 / 5)
+    unsafe = rows["unsafe_refusal"]
+    assert unsafe["kind"] == "partial" and unsafe["n"] == 4 and unsafe["delta"] == pytest.approx(0.25)
+    assert rows["refusal_homonyms"]["n"] == 5 and rows["judge_failed"]["kind"] == "mean"
+    assert rows["judge_failed"]["delta"] == pytest.approx(0.1)
+    assert any(r["metric"] == "refusal_figurative_language" for r in cmp.not_compared)
+
+
+def test_unpaired_items_warn_with_counts_and_strict_refuses(tmp_path):
+    write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs([1, 0] * 5)})
+    write_run(tmp_path / "run", {"fare_crows_pairs": _crows_prefs([1, 0, 0])})
+    cmp = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=50, n_agg_permutations=50)
+    (warning,) = [w for w in cmp.warnings if "only in" in w]
+    assert "10 items in" in warning and "3 in" in warning and "7 only in the base, 0 only in the run" in warning
+    assert {r["n"] for r in cmp.rows} == {3}
+    with pytest.raises(FareError, match="--strict refuses"):
+        compare_runs(tmp_path / "base", tmp_path / "run", strict=True)
+
+
+def test_settings_that_change_numbers_are_named_in_one_warning(tmp_path):
+    write_run(tmp_path / "base", {"fare_xstest": [xstest_item(0, True)]}, batch_size="8", limit=None)
+    write_run(tmp_path / "run", {"fare_xstest": [xstest_item(0, True, judge="llm")]}, batch_size="16", limit=10.0,
+              dtype="torch.bfloat16")
+    cmp = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=20)
+    (warning,) = [w for w in cmp.warnings if "settings" in w]
+    for key in ("batch_size", "dtype", "judge", "limit"):
+        assert key in warning
+    assert "max_length" not in warning and "fewshot" not in warning
+
+
+def test_runs_of_different_models_or_tasks_are_refused(tmp_path):
+    write_run(tmp_path / "a", {"fare_crows_pairs": _crows_prefs([1, 0])})
+    write_run(tmp_path / "b", {"fare_crows_pairs": _crows_prefs([1, 0])}, model_args="pretrained=fare-tiny:mixtral",
+              fare_moe={"model_id": "fare-tiny:mixtral"}, model_name="mixtral")
+    write_run(tmp_path / "c", {"fare_xstest": [xstest_item(0, True)]})
+    with pytest.raises(FareError, match="compare runs of one model"):
+        compare_runs(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(FareError, match="share no task"):
+        compare_runs(tmp_path / "a", tmp_path / "c")
+
+
+def test_cli_writes_csv_and_markdown_with_bh_and_not_compared(tmp_path, capsys):
+    write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs([1, 1, 0, 1, 1, 1]),
+                                  "fare_xstest": [xstest_item(0, True)]})
+    write_run(tmp_path / "run", {"fare_crows_pairs": _crows_prefs([0, 1, 0, 0, 1, 0])})
+    assert main([str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+                 "--bootstrap", "50", "--agg-permutations", "64", "--permutations", "64"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "comparison.csv")))
+    compared = [r for r in rows if r["kind"] != "not compared"]
+    p = [float(r["pvalue"]) for r in compared]
+    assert [float(r["pvalue_bh"]) for r in compared] == pytest.approx(list(multipletests(p, method="fdr_bh")[1]))
+    reasons = {(r["task"], r["metric"]): r["reason"] for r in rows if r["kind"] == "not compared"}
+    assert "task logged only in" in reasons[("fare_xstest", "*")]
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "Not compared, because" in md and "| fare_crows_pairs | parity_gap | aggregate |" in md
+    assert "Not compared, because" in capsys.readouterr().out
