@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -65,10 +66,8 @@ def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str) -> t
     so a checkpoint folder with its manifest is complete; two workers racing for one key both
     finish and the second one's rename loses harmlessly.
     """
-    import fare_compression
+    from fare_compression import compress_checkpoint
     from fare_compression.checkpoint import MANIFEST
-
-    compress_checkpoint = getattr(fare_compression, "compress_checkpoint", None) or _compress_checkpoint_today
 
     path = checkpoint_dir(cell, cache_dir)
     if (path / MANIFEST).is_file():
@@ -76,34 +75,12 @@ def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str) -> t
     t0 = time.perf_counter()
     try:
         compress_checkpoint(cell.model, cell.method, compression_params(cell), out=str(path), device=device,
-                            dtype=dtype, revision=cell.revision)
+                            dtype=dtype, device_map=cell.device_map, revision=cell.revision)
     except Exception:
         if (path / MANIFEST).is_file():  # another worker finished the same checkpoint first
             return path, time.perf_counter() - t0, True
         raise
     return path, time.perf_counter() - t0, False
-
-
-def _compress_checkpoint_today(model, method, params, out, device, dtype, revision=None):
-    """TEMPORARY until fare_compression.compress_checkpoint lands (helper C): whole-model path, atomic."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fare_compression import apply_compression, save_compressed
-    from fare_core.tiny import resolve_pretrained
-
-    path, _ = resolve_pretrained(model)
-    m = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype)).eval()
-    tok = AutoTokenizer.from_pretrained(path, revision=revision)
-    apply_compression(m, method, params, tok)
-    out = Path(out)
-    tmp = out.parent / tmp_name(out.name)
-    try:
-        manifest = save_compressed(m, tok, tmp, base=model)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
 
 
 def model_args(cell: Cell, checkpoint: Path | None, device: str, dtype: str) -> dict:
@@ -173,16 +150,21 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str) -> dict:
         raise
 
 
-def remove_stale_tmp(folder: Path) -> list[Path]:
-    """Delete every temp cell folder in ``folder`` (left by a killed sweep or worker).
+#: Temp folders: a cell's (``.tmp-<cell_id>-<host>-<pid>``) and fare_compression's (``.<name>.tmp-<pid>``,
+#: ``.<name>.old-<pid>``).
+_TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}.+|^\..+\.(tmp|old)-\d+$")
 
-    Only the driver calls this, holding the sweep lock before any cell starts and after all have
-    ended, so no live writer owns a temp folder then.
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete every temp folder in ``folder`` (left by a killed sweep or worker).
+
+    Only the driver calls this, holding the sweep lock, before any cell starts and after all have
+    ended, and only on folders of its own sweep, so no live writer owns a temp folder then.
     """
     removed = []
     if Path(folder).is_dir():
         for p in Path(folder).iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+            if _TMP.match(p.name) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

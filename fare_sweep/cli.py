@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from fare_core.errors import FareError
@@ -28,25 +27,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fare sweep``; FareErrors become one line in ``fare_models.cli.main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "status":
-            return status_main(argv[1:])
-        args = _parser().parse_args(argv)
-        if args.max_retries < 0:
-            raise FareError(f"--max-retries {args.max_retries}: must be >= 0")
-        if args.ray_address and args.executor != "ray":
-            raise FareError("--ray-address needs --executor ray")
-        from .run import run_sweep
+    if argv and argv[0] == "status":
+        return status_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.max_retries < 0:
+        raise FareError(f"--max-retries {args.max_retries}: must be >= 0")
+    if args.ray_address and args.executor != "ray":
+        raise FareError(f"--ray-address {args.ray_address!r} needs --executor ray")
+    from .run import run_sweep
 
-        return run_sweep(args.grid, args.out, executor=args.executor, ray_address=args.ray_address,
-                         cache=args.cache, ray_num_cpus=args.ray_num_cpus, max_retries=args.max_retries,
-                         leaderboard=not args.no_leaderboard)
-    except FareError as e:
-        if os.environ.get("FARE_DEBUG"):
-            raise
-        print(f"fare sweep: {e}", file=sys.stderr)
-        return 2
+    return run_sweep(args.grid, args.out, executor=args.executor, ray_address=args.ray_address,
+                     cache=args.cache, ray_num_cpus=args.ray_num_cpus, max_retries=args.max_retries,
+                     leaderboard=not args.no_leaderboard)
 
 
 def status_main(argv: list[str]) -> int:

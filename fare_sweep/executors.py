@@ -6,6 +6,7 @@ leave the index to the driver (:class:`Recorder`): one transaction per finished 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from fare_core.errors import FareError
 
-from .cells import run_cell
+from .cells import TMP_PREFIX, WORKER_FILE, run_cell
 from .grid import Cell
 from .index import Index
 
@@ -91,6 +92,24 @@ def _ray_cell(cell_dict: dict, out_dir: str, cache_dir: str, threads: int) -> di
     return run_cell(cell_dict, out_dir, cache_dir)
 
 
+def _announce_starts(cells, out_dir: Path, recorder: Recorder, seen: set[str]) -> None:
+    """A worker starting a cell creates its temp folder with worker.json: one start line per attempt."""
+    by_prefix = {f"{TMP_PREFIX}{c.cell_id()}-": c for c in cells}
+    folder = Path(out_dir) / "cells"
+    for tmp in folder.glob(f"{TMP_PREFIX}*") if folder.is_dir() else ():
+        if tmp.name in seen:
+            continue
+        cell = next((c for prefix, c in by_prefix.items() if tmp.name.startswith(prefix)), None)
+        try:
+            worker = json.loads((tmp / WORKER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not written yet, or already renamed
+        if cell is not None:
+            verb = "retry" if cell.cell_id() in seen else "start"
+            seen.update((tmp.name, cell.cell_id()))
+            recorder.started(cell, worker.get("host"), worker.get("pid"), verb=verb)
+
+
 #: Environment a remote cluster's workers need to find data, caches and offline settings.
 FORWARD_ENV = ("FARE_DATA_DIR", "FARE_CACHE_DIR", "FARE_OFFLINE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                "TOKENIZERS_PARALLELISM")
@@ -127,9 +146,11 @@ def run_ray(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recorde
             ref = remote.options(max_retries=max_retries, **res).remote(
                 cell.to_dict(), str(out_dir), str(cache_dir), int(res["num_cpus"]))
             pending[ref] = cell
-            recorder.started(cell, verb="queued")
+        recorder.log(f"[sweep] {len(cells)} cells submitted to Ray", flush=True)
+        seen: set[str] = set()
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            _announce_starts(pending.values(), out_dir, recorder, seen)
             for ref in ready:
                 cell = pending.pop(ref)
                 try:

@@ -16,6 +16,8 @@ Schema (issue 10 section 1; every list under ``methods`` is a grid axis)::
     resources: {num_gpus: 0, num_cpus: 1}    # per cell, on Ray
     device: cpu                    # passed to compression and lm-eval (default: cuda if present)
     dtype: float32                 # default auto: bfloat16 on GPU, float32 on CPU
+    device_map: null               # compression: null = one decoder layer at a time on `device`;
+                                   #   or a from_pretrained device_map ("auto", ...)
 
 Each model always gets its dense baseline cell. Errors are :class:`FareError` naming the YAML key.
 """
@@ -40,7 +42,7 @@ INTERVENTION_PARAMS = {
 }
 DENSE = "dense"
 TOP_KEYS = ("models", "tasks", "limit", "batch_size", "num_fewshot", "apply_chat_template", "calibration",
-            "safety_p", "methods", "resources", "device", "dtype")
+            "safety_p", "methods", "resources", "device", "dtype", "device_map")
 MODEL_KEYS = ("name", "revision", "resources")
 RESOURCE_KEYS = ("num_gpus", "num_cpus")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -62,6 +64,7 @@ class Cell:
     device: str | None
     dtype: str
     resources: dict = field(default_factory=dict)
+    device_map: str | dict | None = None  # placement only: not part of any key
 
     @property
     def calibrated(self) -> bool:
@@ -385,6 +388,9 @@ def expand(source: dict, grid_dir: Path | None = None, path: Path | None = None,
     device = source.get("device")
     if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", device)):
         _fail("device", f"{device!r} is not cpu, cuda, cuda:N, mps or auto")
+    device_map = source.get("device_map")
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        _fail("device_map", f"{device_map!r} is not a from_pretrained device_map (\"auto\", \"cuda\" or a mapping)")
     calibration = _calibration(source.get("calibration"))
     ps = _safety_p(source.get("safety_p"))
     methods = source.get("methods") or {}
@@ -397,7 +403,7 @@ def expand(source: dict, grid_dir: Path | None = None, path: Path | None = None,
     cells: list[Cell] = []
     for name, model_id, revision, res in models:
         common = dict(model=name, model_id=model_id, revision=revision, eval=ev, device=device, dtype=dtype,
-                      resources=res)
+                      resources=res, device_map=device_map)
         cells.append(Cell(method=DENSE, params={}, p=None, calibration=None, **common))
         for method, method_points in points.items():
             calibrated = method in METHODS and METHODS[method].calibrated

@@ -63,7 +63,9 @@ def run_sweep(grid_path, out, executor: str = "local", ray_address: str | None =
     cache_dir = Path(cache) if cache else out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     with SweepLock(out):
-        remove_stale_tmp(out / "cells")
+        own_cache = cache_dir.resolve() == (out / "checkpoints").resolve()  # shared caches are left alone
+        for folder in (out / "cells", *([cache_dir] if own_cache else [])):
+            remove_stale_tmp(folder)
         atomic_write(out / GRID_COPY, lambda tmp: tmp.write_text(json.dumps(
             {"grid_file": str(Path(grid_path).resolve()), "grid": grid.source}, indent=2, default=str)))
         index = Index(out)
@@ -86,7 +88,8 @@ def run_sweep(grid_path, out, executor: str = "local", ray_address: str | None =
                 run_local(todo, out, cache_dir, recorder)
             else:
                 run_ray(todo, out, cache_dir, recorder, ray_address, ray_num_cpus, max_retries)
-            remove_stale_tmp(out / "cells")
+            for folder in (out / "cells", *([cache_dir] if own_cache else [])):
+                remove_stale_tmp(folder)
             board_failed = False
             if leaderboard:
                 try:

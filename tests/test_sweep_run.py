@@ -1,0 +1,139 @@
+"""fare sweep end to end on fare-tiny: kill -9 mid-cell, resume, index, status, truth (issue 10 section 2)."""
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lm_eval
+import pytest
+import yaml
+
+from fare_sweep.cells import TMP_PREFIX, WORKER_FILE
+from fare_sweep.evaluate import metric_rows, task_manager
+from fare_sweep.run import run_sweep
+from fare_sweep.status import cell_states, format_status
+
+GRID = {
+    "models": ["fare-tiny"],
+    "tasks": ["fare_crows_pairs"],
+    "limit": 4,
+    "batch_size": 4,
+    "calibration": {"n": 4, "seq_len": 32, "seed": 0},
+    "safety_p": [0.0, 0.5],
+    "methods": {"magnitude": {"ratio": [0.5]}, "wanda": {"ratio": [0.5]}, "mask": {"mask": ["0:1", "0:99"]}},
+    "device": "cpu",
+}
+
+
+def tree_hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def results_of(cell_dir: Path) -> dict:
+    return json.loads(next(cell_dir.glob("*/results_*.json")).read_text())
+
+
+def direct_eval(model_args: dict) -> dict:
+    """lm-eval's own simple_evaluate, outside the sweep, with the sweep's settings."""
+    tasks = GRID["tasks"]
+    return lm_eval.simple_evaluate(model="fare_moe", model_args=model_args, tasks=tasks, limit=GRID["limit"],
+                                   batch_size=GRID["batch_size"], task_manager=task_manager(tasks, model_args))
+
+
+def kill_mid_cell(grid: Path, out: Path) -> list[str]:
+    """Start `fare sweep` (a pipe, not a terminal); kill -9 it while its second cell is being computed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fare_models.cli", "sweep", str(grid), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if sum(ln.startswith("[sweep] start") for ln in lines) == 2:
+                break
+        deadline = time.time() + 120
+        while not list((out / "cells").glob(f"{TMP_PREFIX}*/{WORKER_FILE}")) and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, lines
+    return lines
+
+
+@pytest.mark.slow
+def test_kill_resume_index_status_and_truth(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(GRID, sort_keys=False))
+    out = tmp_path / "sweep"
+
+    first = kill_mid_cell(grid, out)
+    assert first[0].startswith("[sweep] 6 cells: 0 already done, 6 to run")
+    assert any(ln.startswith("[sweep] done   fare-tiny:olmoe dense in ") and "ETA" in ln for ln in first)
+    cells = out / "cells"
+    done_before = {p.name: tree_hashes(p) for p in cells.iterdir() if not p.name.startswith(TMP_PREFIX)}
+    assert len(done_before) == 1 and list(cells.glob(f"{TMP_PREFIX}*"))  # killed mid-cell: a temp folder left
+    states = {s["label"]: s for s in cell_states(out)}
+    assert states["fare-tiny:olmoe dense"]["status"] == "done"
+    killed = states["fare-tiny:olmoe magnitude ratio=0.5"]
+    assert (killed["status"], killed["note"]) == ("pending", "interrupted")
+    assert sum(s["status"] == "pending" for s in states.values()) == 5
+
+    log = []
+    rc = run_sweep(grid, out, leaderboard=False, log=lambda *a, **k: log.append(" ".join(map(str, a))))
+    assert rc == 1  # the mask on expert 99 fails; the other cells go on
+    assert log[0].startswith("[sweep] 6 cells: 1 already done, 5 to run")
+    assert sum(ln.startswith("[sweep] start") for ln in log) == 5 and any("ETA" in ln for ln in log)
+
+    # finished cells untouched, every cell complete once, no temp folders anywhere
+    for name, hashes in done_before.items():
+        assert tree_hashes(cells / name) == hashes
+    assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX) or ".tmp-" in p.name]
+    states = cell_states(out)
+    assert [s["status"] for s in states] == ["done"] * 5 + ["failed"]
+    assert "99" in states[-1]["error"] and "\n" not in states[-1]["error"]
+    text = format_status(states)
+    assert "5 done, 0 running, 1 failed, 0 pending of 6 cells" in text and f"error: {states[-1]['error']}" in text
+
+    # index: one row per cell, metrics exactly those of lm-eval's results files, no duplicates
+    db = sqlite3.connect(out / "index.sqlite")
+    assert db.execute("SELECT count(*), count(DISTINCT cell_key) FROM cells").fetchone() == (6, 6)
+    for s in states[:5]:
+        want = sorted(metric_rows(results_of(cells / s["cell_id"])))
+        got = sorted(db.execute("SELECT task, metric, filter, value, stderr FROM metrics WHERE cell_id=?",
+                                (s["cell_id"],)).fetchall())
+        assert got == want and len(got) > 5
+        stages = dict(db.execute("SELECT stage, seconds FROM timings WHERE cell_id=?", (s["cell_id"],)).fetchall())
+        assert set(stages) == {"compress", "evaluate", "total"} and stages["total"] >= stages["evaluate"] > 0
+    assert db.execute("SELECT count(*) FROM timings WHERE cell_id=?", (states[-1]["cell_id"],)).fetchone() == (0,)
+
+    # independent truth: the dense cell is lm-eval's own run of the model; the magnitude cell (saved
+    # checkpoint, reloaded) equals fare_moe compressing on the fly
+    by_label = {s["label"]: cells / s["cell_id"] for s in states}
+    dense = direct_eval({"pretrained": "fare-tiny", "device": "cpu", "dtype": "float32"})
+    assert results_of(by_label["fare-tiny:olmoe dense"])["results"] == json.loads(json.dumps(dense["results"]))
+    fly = direct_eval({"pretrained": "fare-tiny", "device": "cpu", "dtype": "float32", "compression": "magnitude",
+                       "compression_ratio": 0.5})
+    mag = results_of(by_label["fare-tiny:olmoe magnitude ratio=0.5"])["results"]
+    assert mag == json.loads(json.dumps(fly["results"])) and mag != dense["results"]
+    assert results_of(by_label["fare-tiny:olmoe mask mask=0:1"])["config"]["model_args"]["intervention"] == "mask"
+
+    # a second sweep with another task set reuses the checkpoints (no recompression)
+    ckpts = out / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
+    g2 = tmp_path / "grid2.yaml"
+    g2.write_text(yaml.safe_dump({**GRID, "tasks": ["fare_crows_pairs"], "methods": {"wanda": {"ratio": [0.5]}}}))
+    log.clear()
+    assert run_sweep(g2, tmp_path / "sweep2", cache=ckpts, leaderboard=False,
+                     log=lambda *a, **k: log.append(" ".join(map(str, a)))) == 0
+    assert sum("(cached checkpoint)" in ln for ln in log) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
