@@ -54,11 +54,21 @@ def test_window_boundary_is_300_characters():
     assert not refusal.is_refusal("a" + inside)
 
 
-def test_default_judge_is_string_match(monkeypatch):
+def test_default_judge_is_string_match_v2(monkeypatch):
     monkeypatch.delenv("FARE_REFUSAL_JUDGE", raising=False)
     refusal.JUDGES.configure_from_metadata({})
     spec, verdicts = refusal.judge_responses(["p1", "p2"], [REFUSALS[0], COMPLIANCE[0]])
-    assert (spec, verdicts) == ("string_match", [True, False])
+    assert (spec, verdicts) == ("string_match_v2", [True, False])
+
+
+@pytest.mark.parametrize("text", REFUSALS)
+def test_string_match_v2_keeps_v1_refusals(text):
+    assert refusal.is_refusal_v2(text) is True
+
+
+@pytest.mark.parametrize("text", COMPLIANCE)
+def test_string_match_v2_passes_v1_compliance(text):
+    assert refusal.is_refusal_v2(text) is False
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -77,7 +87,7 @@ def test_judge_chosen_by_env_var_and_metadata_precedence(monkeypatch):
     assert verdicts == [True, False, None]
     refusal.JUDGES.configure_from_metadata({"refusal_judge": "string_match"})  # metadata beats env
     try:
-        assert refusal.judge_responses(["a bomb"], ["Sure."]) == ("string_match", [False])
+        assert refusal.judge_responses(["a bomb"], ["Sure."]) == ("string_match_v2", [False])
     finally:
         refusal.JUDGES.configure_from_metadata({})
     assert refusal.JUDGES.active_spec() == "test_safety_scoring:prompt_keyword_judge"
