@@ -99,3 +99,21 @@ def test_fare_compare_cli_bad_input_is_one_line_without_traceback(tmp_path):
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert str(tmp_path) in lines[0]
+
+
+def test_one_folder_several_results_files_merges_tasks_and_keeps_per_task_settings(tmp_path):
+    write_run(tmp_path / "r", {"fare_crows_pairs": _crows()}, limit=12.0, stamp="2026-01-01T00-00-00.1")
+    write_run(tmp_path / "r", {"fare_xstest": [xstest_item(0, True)]}, limit=6.0, stamp="2026-01-01T00-00-01.1")
+    run = load_run(tmp_path / "r")
+    assert sorted(run.tasks) == ["fare_crows_pairs", "fare_xstest"]
+    assert run.eval_config["limit"] == {"fare_crows_pairs": 12.0, "fare_xstest": 6.0}
+    assert run.eval_config["batch_size"] == "8"
+
+
+def test_one_folder_with_runs_of_two_configurations_is_refused(tmp_path):
+    # lm-eval puts both under out/fare-tiny/: the identities differ, so this is not one run
+    write_run(tmp_path / "r", {"fare_crows_pairs": _crows()}, stamp="2026-01-01T00-00-00.1")
+    write_run(tmp_path / "r", {"fare_xstest": [xstest_item(0, True)]}, stamp="2026-01-01T00-00-01.1",
+              model_args="pretrained=fare-tiny,compression=magnitude", fare_moe={"compression": "magnitude"})
+    with pytest.raises(FareError, match="different models or configurations.*own --output_path"):
+        load_run(tmp_path / "r")

@@ -8,9 +8,11 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from fare_analysis.stats import (
+    aggregate_comparison,
     bh_adjust,
     bh_family,
     bootstrap_ci,
+    label_swap_test,
     pair_log_samples,
     paired_comparison,
     paired_permutation_test,
@@ -216,3 +218,57 @@ def test_permutation_monte_carlo_p_never_zero():
     r = paired_permutation_test(np.arange(1.0, 31.0))
     assert not r.exact and r.pvalue == 2 / 10_001
     assert paired_permutation_test(np.arange(1.0, 31.0), alternative="greater", n_resamples=999).pvalue == 1 / 1000
+
+
+# ----------------------------------------------------------------- aggregates (label swap)
+
+
+def _ratio_gap(items):
+    """A non-mean aggregate: |share of ones - 0.5| (CrowS parity gap)."""
+    return abs(sum(items) / len(items) - 0.5)
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+def test_label_swap_exact_matches_scipy_samples_permutation(alternative):
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 2, 12).astype(float)
+    b = rng.integers(0, 2, 12).astype(float)
+
+    def stat(swap):
+        return _ratio_gap(np.where(swap, a, b)) - _ratio_gap(np.where(swap, b, a))
+
+    ours = label_swap_test(stat, 12, alternative=alternative)
+    ref = sps.permutation_test((a, b), lambda x, y: _ratio_gap(y) - _ratio_gap(x), permutation_type="samples",
+                               vectorized=False, n_resamples=10_000, alternative=alternative)
+    assert ours.exact and ours.n_resamples == 2**12
+    assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
+
+
+def test_label_swap_is_the_sign_flip_test_for_a_mean():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, 40), rng.normal(0.4, 1, 40)
+    swapped = label_swap_test(lambda s: float(np.mean(np.where(s, a, b) - np.where(s, b, a))), 40,
+                              n_resamples=3000, seed=9)
+    flipped = paired_permutation_test(b, a, n_resamples=3000, seed=9)
+    assert swapped.pvalue == pytest.approx(flipped.pvalue, abs=1e-12)  # same patterns, same p-value
+
+
+def test_aggregate_comparison_ci_matches_scipy_bootstrap_and_drops_undefined_resamples():
+    a = [1.0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1]
+    b = [0.0, 1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0]
+    res = aggregate_comparison(a, b, _ratio_gap, n_bootstrap=500, n_permutations=4096, seed=2)
+    assert res["delta"] == pytest.approx(_ratio_gap(b) - _ratio_gap(a))
+    ref = sps.bootstrap((np.arange(12),), lambda i: _ratio_gap([b[k] for k in i]) - _ratio_gap([a[k] for k in i]),
+                        paired=True, vectorized=False, n_resamples=500, method="percentile",
+                        rng=np.random.default_rng(2))
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high))
+
+    def first_only(items):  # undefined (NaN) when the resample has no item equal to 2
+        kept = [x for x in items if x == 2]
+        return float("nan") if not kept else len(kept) / len(items)
+
+    out = bootstrap_ci(np.array([2.0, 0, 0, 0, 0]), statistic=lambda x, axis=-1: np.apply_along_axis(
+        first_only, -1, x), n_resamples=400, seed=0, nan_policy="omit")
+    assert 0 < out.n_resamples < 400 and out.low > 0  # resamples without a 2 dropped, counted
+    with pytest.raises(ValueError, match="undefined"):
+        aggregate_comparison([0.0, 0.0], [0.0, 1.0], first_only)
