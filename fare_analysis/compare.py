@@ -11,7 +11,9 @@ for every metric of every task both runs logged:
 * ``aggregate`` metrics (CrowS parity gap / pref_*, BBQ s_DIS / s_AMB overall and per category,
   StereoSet ss / lms / ICAT, perplexities): the task's own aggregation function (resolved through
   the installed lm-eval task config) recomputed on bootstrap resamples of paired items (CI) and on
-  label-swapped paired items (permutation p-value, 2,000 by default: each one calls the function).
+  label-swapped paired items (permutation p-value, 1,000 by default: each resample calls the
+  function twice, so BBQ's 44 aggregates on 1,000 items take minutes; lower ``--bootstrap`` /
+  ``--agg-permutations`` for a quick look).
 
 Benjamini-Hochberg adjusted p-values across the table. Items of one run only give a warning with
 the counts (``--strict`` refuses); settings that change numbers (batch size, dtype, max length, chat
@@ -38,7 +40,7 @@ from fare_core.files import atomic_write
 from .runs import Run, iter_samples, load_run
 from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, aggregate_comparison, bh_family, paired_comparison
 
-DEFAULT_AGG_PERMUTATIONS = 2_000
+DEFAULT_AGG_PERMUTATIONS = 1_000
 COLUMNS = ["task", "metric", "kind", "aggregation", "n", "n_only_base", "n_only_run", "mean_a", "mean_b", "delta",
            "ci_low", "ci_high", "pvalue", "pvalue_bh", "n_permutations", "n_bootstrap", "seed", "reason"]
 
@@ -190,11 +192,12 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
         if progress:
             progress(f"compare: {task} ({i}/{len(common)})")
         _compare_task(cmp, task, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                      n_agg_permutations=n_agg_permutations, strict=strict)
+                      n_agg_permutations=n_agg_permutations, strict=strict, progress=progress)
     return cmp
 
 
-def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstrap, n_agg_permutations, strict):
+def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstrap, n_agg_permutations, strict,
+                  progress=None):
     base, run = cmp.base, cmp.run
     a_items, filters = _read_task(base, task)
     b_items, b_filters = _read_task(run, task)
@@ -253,6 +256,8 @@ def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstr
                     if note:
                         cmp.warnings.append(f"{task}/{name}: {note}; recomputed with the installed one")
                     kind = "aggregate"
+                    if progress and len(pairs) >= 200:
+                        progress(f"compare: {task}/{name}: aggregate on {len(pairs)} paired items")
                     res = aggregate_comparison([a for a, _ in pairs], [b for _, b in pairs], fn,
                                                name=f"{task}/{name}", seed=seed, n_permutations=n_agg_permutations,
                                                n_bootstrap=n_bootstrap)
