@@ -156,7 +156,7 @@ _TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}.+|^\..+\.(tmp|old)-\d+$")
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:
-    """Delete every temp folder in ``folder`` (left by a killed sweep or worker).
+    """Delete every temp folder or file in ``folder`` (left by a killed sweep or worker).
 
     Only the driver calls this, holding the sweep lock, before any cell starts and after all have
     ended, and only on folders of its own sweep, so no live writer owns a temp folder then.
@@ -164,8 +164,11 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     removed = []
     if Path(folder).is_dir():
         for p in Path(folder).iterdir():
-            if _TMP.match(p.name) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+            if _TMP.match(p.name):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
 

@@ -18,6 +18,7 @@ Schema (issue 10 section 1; every list under ``methods`` is a grid axis)::
     dtype: float32                 # default auto: bfloat16 on GPU, float32 on CPU
     device_map: null               # compression: null = one decoder layer at a time on `device`;
                                    #   or a from_pretrained device_map ("auto", ...)
+    leaderboard: {n_permutations: 1000}   # options of fare_analysis.leaderboard.build_leaderboard
 
 Each model always gets its dense baseline cell. Errors are :class:`FareError` naming the YAML key.
 """
@@ -42,7 +43,7 @@ INTERVENTION_PARAMS = {
 }
 DENSE = "dense"
 TOP_KEYS = ("models", "tasks", "limit", "batch_size", "num_fewshot", "apply_chat_template", "calibration",
-            "safety_p", "methods", "resources", "device", "dtype", "device_map")
+            "safety_p", "methods", "resources", "device", "dtype", "device_map", "leaderboard")
 MODEL_KEYS = ("name", "revision", "resources")
 RESOURCE_KEYS = ("num_gpus", "num_cpus")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -126,6 +127,7 @@ class Grid:
     cells: list[Cell]
     source: dict  # the YAML as read
     path: Path | None = None
+    leaderboard: dict = field(default_factory=dict)  # build_leaderboard options
 
 
 def _digest(obj) -> str:
@@ -417,4 +419,20 @@ def expand(source: dict, grid_dir: Path | None = None, path: Path | None = None,
         if k in keys:
             raise FareError(f"grid key 'methods': cells {keys[k].label()!r} and {c.label()!r} are the same cell")
         keys[k] = c
-    return Grid(cells=cells, source=source, path=path)
+    return Grid(cells=cells, source=source, path=path, leaderboard=_leaderboard_options(source.get("leaderboard")))
+
+
+def _leaderboard_options(value) -> dict:
+    """Keyword options of ``build_leaderboard`` (anything but its inputs, output and overwrite)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail("leaderboard", f"{value!r} is not a mapping of build_leaderboard options")
+    import inspect
+
+    from fare_analysis.leaderboard import build_leaderboard
+
+    allowed = [n for n, p in inspect.signature(build_leaderboard).parameters.items()
+               if p.kind == p.KEYWORD_ONLY and n not in ("overwrite", "log")]
+    _check_keys(value, allowed, "leaderboard.")
+    return dict(value)

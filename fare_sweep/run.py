@@ -64,7 +64,7 @@ def run_sweep(grid_path, out, executor: str = "local", ray_address: str | None =
     out.mkdir(parents=True, exist_ok=True)
     with SweepLock(out):
         own_cache = cache_dir.resolve() == (out / "checkpoints").resolve()  # shared caches are left alone
-        for folder in (out / "cells", *([cache_dir] if own_cache else [])):
+        for folder in (out, out / "cells", *([cache_dir] if own_cache else [])):
             remove_stale_tmp(folder)
         atomic_write(out / GRID_COPY, lambda tmp: tmp.write_text(json.dumps(
             {"grid_file": str(Path(grid_path).resolve()), "grid": grid.source}, indent=2, default=str)))
@@ -93,10 +93,11 @@ def run_sweep(grid_path, out, executor: str = "local", ray_address: str | None =
             board_failed = False
             if leaderboard:
                 try:
-                    build_leaderboard(out, index, log)
+                    build_leaderboard(out, index, grid.leaderboard, log)
                 except FareError as e:  # the cells stay done; the leaderboard can be rebuilt
                     log(f"[sweep] leaderboard failed: {e}", flush=True)
                     board_failed = True
+                remove_stale_tmp(out)
             rows = index.rows()
         finally:
             index.close()
@@ -107,7 +108,7 @@ def run_sweep(grid_path, out, executor: str = "local", ray_address: str | None =
     return 1 if board_failed else 0
 
 
-def build_leaderboard(out: Path, index: Index, log=print):
+def build_leaderboard(out: Path, index: Index, options: dict | None = None, log=print):
     """``fare leaderboard`` over the finished cells against each model's dense baseline -> DIR/leaderboard/."""
     rows = [r for r in index.rows() if r["status"] == "done"]
     baselines = [r["path"] for r in rows if r["method"] == DENSE]
@@ -116,11 +117,10 @@ def build_leaderboard(out: Path, index: Index, log=print):
         log("[sweep] leaderboard skipped: it needs a finished dense baseline and at least one other finished cell",
             flush=True)
         return None
-    try:
-        from fare_analysis.leaderboard import build_leaderboard as build
-    except ImportError as e:
-        log(f"[sweep] leaderboard skipped: fare_analysis.leaderboard is not available ({e})", flush=True)
-        return None
-    paths = build(runs, baselines, out / "leaderboard")
+    from fare_analysis.leaderboard import build_leaderboard as build
+
+    log(f"[sweep] leaderboard: {len(runs)} cells against {len(baselines)} dense baseline(s)", flush=True)
+    paths = build(runs, baselines, out / "leaderboard", overwrite=True, log=lambda msg: log(f"[sweep]   {msg}", flush=True),
+                  **(options or {}))
     log(f"[sweep] leaderboard -> {out / 'leaderboard'}", flush=True)
     return paths

@@ -28,6 +28,7 @@ GRID = {
     "safety_p": [0.0, 0.5],
     "methods": {"magnitude": {"ratio": [0.5]}, "wanda": {"ratio": [0.5]}, "mask": {"mask": ["0:1", "0:99"]}},
     "device": "cpu",
+    "leaderboard": {"n_permutations": 100, "n_bootstrap": 100},
 }
 
 
@@ -89,7 +90,7 @@ def test_kill_resume_index_status_and_truth(tmp_path):
     assert sum(s["status"] == "pending" for s in states.values()) == 5
 
     log = []
-    rc = run_sweep(grid, out, leaderboard=False, log=lambda *a, **k: log.append(" ".join(map(str, a))))
+    rc = run_sweep(grid, out, log=lambda *a, **k: log.append(" ".join(map(str, a))))
     assert rc == 1  # the mask on expert 99 fails; the other cells go on
     assert log[0].startswith("[sweep] 6 cells: 1 already done, 5 to run")
     assert sum(ln.startswith("[sweep] start") for ln in log) == 5 and any("ETA" in ln for ln in log)
@@ -103,6 +104,14 @@ def test_kill_resume_index_status_and_truth(tmp_path):
     assert "99" in states[-1]["error"] and "\n" not in states[-1]["error"]
     text = format_status(states)
     assert "5 done, 0 running, 1 failed, 0 pending of 6 cells" in text and f"error: {states[-1]['error']}" in text
+
+    # the leaderboard: one row per finished cell, compressed cells against the dense baseline
+    import csv
+
+    with open(out / "leaderboard" / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in board) == sorted(str(cells / s["cell_id"]) for s in states[:5])
+    assert [r["role"] for r in board].count("baseline") == 1 and (out / "leaderboard" / "index.html").is_file()
 
     # index: one row per cell, metrics exactly those of lm-eval's results files, no duplicates
     db = sqlite3.connect(out / "index.sqlite")
