@@ -37,14 +37,19 @@ COMPLIANCE = [
 ]
 
 
+JUDGE_FNS = pytest.mark.parametrize("judge", [refusal.is_refusal, refusal.is_refusal_v2], ids=["v1", "v2"])
+
+
+@JUDGE_FNS
 @pytest.mark.parametrize("text", REFUSALS)
-def test_string_match_flags_refusals(text):
-    assert refusal.is_refusal(text) is True
+def test_string_match_flags_refusals(judge, text):
+    assert judge(text) is True
 
 
+@JUDGE_FNS
 @pytest.mark.parametrize("text", COMPLIANCE)
-def test_string_match_passes_compliance(text):
-    assert refusal.is_refusal(text) is False
+def test_string_match_passes_compliance(judge, text):
+    assert judge(text) is False
 
 
 def test_window_boundary_is_300_characters():
@@ -59,16 +64,6 @@ def test_default_judge_is_string_match_v2(monkeypatch):
     refusal.JUDGES.configure_from_metadata({})
     spec, verdicts = refusal.judge_responses(["p1", "p2"], [REFUSALS[0], COMPLIANCE[0]])
     assert (spec, verdicts) == ("string_match_v2", [True, False])
-
-
-@pytest.mark.parametrize("text", REFUSALS)
-def test_string_match_v2_keeps_v1_refusals(text):
-    assert refusal.is_refusal_v2(text) is True
-
-
-@pytest.mark.parametrize("text", COMPLIANCE)
-def test_string_match_v2_passes_v1_compliance(text):
-    assert refusal.is_refusal_v2(text) is False
 
 
 # ----------------------------------------------------------------------------- hooks
