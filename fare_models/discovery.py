@@ -91,7 +91,7 @@ def _drop_metadata_hint(record: logging.LogRecord) -> bool:
     return not (msg.startswith("fare_") and "can be passed to `--metadata`" in msg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (any HTTP status counts), within ``timeout`` s (asked once)."""
     import urllib.error
