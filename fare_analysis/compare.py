@@ -29,16 +29,22 @@ import csv
 import inspect
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Callable
 
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
 from .runs import Run, iter_samples, load_run
-from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, aggregate_comparison, bh_family, paired_comparison
+from .stats import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_PERMUTATIONS,
+    aggregate_comparison,
+    bh_family,
+    paired_comparison,
+)
 
 DEFAULT_AGG_PERMUTATIONS = 1_000
 COLUMNS = ["task", "metric", "kind", "aggregation", "n", "n_only_base", "n_only_run", "mean_a", "mean_b", "delta",
@@ -68,7 +74,7 @@ def _fare_task_index() -> dict:
     return TaskIndex.build([Path(TASK_DIR)])
 
 
-@lru_cache(maxsize=None)
+@cache
 def installed_metric_list(task: str, config_source: str | None = None) -> tuple:
     """``metric_list`` of the installed lm-eval config of ``task`` with ``!function`` resolved.
 

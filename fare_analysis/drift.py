@@ -273,8 +273,8 @@ def _fmt(x) -> str:
 def to_markdown(drifts: list[Drift]) -> str:
     tasks = sorted({t for d in drifts for t in d.scores if t != "run"})
     lines = ["# Drift from the baseline", "", f"Baseline: {drifts[0].base.label} ({drifts[0].base.path})", "",
-             "Drift score = flip rate per task (refusal / answer / toxicity-threshold / stereotype flips, both "
-             "directions); run = mean over tasks.", "",
+             ("Drift score = flip rate per task (refusal / answer / toxicity-threshold / stereotype flips, both "
+              "directions); run = mean over tasks."), "",
              "| run | " + " | ".join(tasks) + " | run score |", "|---|" + "---|" * (len(tasks) + 1)]
     for d in drifts:
         lines.append(f"| {d.run.label} | " + " | ".join(_fmt(d.scores.get(t)) for t in tasks)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import ast
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from fare_core.errors import FareError
 

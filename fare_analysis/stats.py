@@ -7,7 +7,6 @@
 * :func:`label_swap_test` / :func:`aggregate_comparison` - the same for an aggregate metric
   (parity gap, bias score, ICAT, ...) recomputed by the task's own function on paired items.
 * :func:`bh_adjust` - Benjamini-Hochberg adjusted p-values across a family of comparisons.
-* :func:`pair_log_samples` - pair two lm-eval ``--log_samples`` JSONL files by ``doc_hash``.
 
 Every result records its seed and number of resamples. Conventions follow
 ``scipy.stats.permutation_test`` / ``scipy.stats.bootstrap`` (same p-value definition, same
@@ -16,12 +15,9 @@ resampling stream for a given seed), which the tests check against.
 
 from __future__ import annotations
 
-import json
 import math
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.special import ndtr, ndtri
@@ -114,7 +110,7 @@ def paired_permutation_test(
         d = d - yy
     _check_common(n_resamples, seed, alternative)
     if statistic == "mean":
-        stat = lambda a, axis=-1: np.mean(a, axis=axis)  # noqa: E731
+        stat = lambda a, axis=-1: np.mean(a, axis=axis)
     elif callable(statistic):
         stat = statistic
     else:
@@ -325,104 +321,6 @@ def bh_adjust(pvalues: Sequence[float]) -> np.ndarray:
     out = np.empty_like(adj)
     out[order] = adj
     return out
-
-
-# --------------------------------------------------------------------------- lm-eval sample logs
-
-
-@dataclass
-class PairedSamples:
-    """Per-item metric values of two runs, aligned by ``doc_hash``."""
-
-    metric: str
-    doc_hashes: list[str]
-    doc_ids_a: list[int]
-    doc_ids_b: list[int]
-    a: np.ndarray
-    b: np.ndarray
-    only_in_a: int = 0
-    only_in_b: int = 0
-    sources: dict = field(default_factory=dict)
-
-    @property
-    def differences(self) -> np.ndarray:
-        return self.a - self.b
-
-
-def _read_log_samples(path: Path, metric: str, filter_key: str | None) -> dict[tuple[str, int], tuple[int, float]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            rows.append((lineno, rec))
-    if not rows:
-        raise ValueError(f"{path}: no samples; expected lm-eval --log_samples JSONL lines")
-    filters = sorted({rec.get("filter", "none") for _, rec in rows})
-    if filter_key is None:
-        if len(filters) > 1:
-            raise ValueError(f"{path}: several filters {filters}; pass filter_key= one of them")
-        filter_key = filters[0]
-    elif filter_key not in filters:
-        raise ValueError(f"{path}: filter {filter_key!r} not logged; allowed: {', '.join(filters)}")
-    by_hash: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for lineno, rec in rows:
-        if rec.get("filter", "none") != filter_key:
-            continue
-        for key in ("doc_id", "doc_hash"):
-            if key not in rec:
-                raise ValueError(f"{path}:{lineno}: missing field {key!r}; is this an lm-eval --log_samples file?")
-        if metric not in rec:
-            logged = rec.get("metrics") or sorted(k for k, v in rec.items() if isinstance(v, (int, float)))
-            raise ValueError(f"{path}:{lineno}: metric {metric!r} not logged; allowed: {', '.join(map(str, logged))}")
-        value = rec[metric]
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{path}:{lineno}: metric {metric!r} value {value!r} is not a finite number")
-        by_hash[rec["doc_hash"]].append((int(rec["doc_id"]), float(value)))
-    out = {}
-    for h, items in by_hash.items():
-        # Identical documents (same hash) are paired in doc_id order: k-th with k-th.
-        for k, item in enumerate(sorted(items)):
-            out[(h, k)] = item
-    return out
-
-
-def pair_log_samples(path_a, path_b, metric: str, *, filter_key: str | None = None, strict: bool = True) -> PairedSamples:
-    """Pair two lm-eval ``--log_samples`` JSONL files item by item on ``doc_hash``.
-
-    Returns the metric's per-item values ``a`` and ``b`` (ordered by doc_id of file A). Documents
-    logged more than once (same hash) are paired by occurrence in doc_id order. With
-    ``strict=True`` (default) any document present in only one file is an error; with
-    ``strict=False`` the intersection is used and the unmatched counts are recorded.
-    """
-    a = _read_log_samples(Path(path_a), metric, filter_key)
-    b = _read_log_samples(Path(path_b), metric, filter_key)
-    only_a, only_b = a.keys() - b.keys(), b.keys() - a.keys()
-    if strict and (only_a or only_b):
-        raise ValueError(
-            f"{len(only_a)} documents only in {path_a} and {len(only_b)} only in {path_b}; "
-            "pass strict=False to pair the intersection"
-        )
-    keys = sorted(a.keys() & b.keys(), key=lambda k: (a[k][0], k))
-    if not keys:
-        raise ValueError(f"no document of {path_a} matches one of {path_b} by doc_hash")
-    return PairedSamples(
-        metric=metric,
-        doc_hashes=[k[0] for k in keys],
-        doc_ids_a=[a[k][0] for k in keys],
-        doc_ids_b=[b[k][0] for k in keys],
-        a=np.array([a[k][1] for k in keys]),
-        b=np.array([b[k][1] for k in keys]),
-        only_in_a=len(only_a),
-        only_in_b=len(only_b),
-        sources={"a": str(path_a), "b": str(path_b)},
-    )
 
 
 # --------------------------------------------------------------------------- one-call comparison

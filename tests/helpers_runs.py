@@ -110,6 +110,5 @@ def write_run(folder: Path, tasks: dict[str, list[dict]], *, model_args="pretrai
     if samples:
         for task, records in tasks.items():
             with open(sub / f"samples_{task}_{stamp}.jsonl", "w") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec) + "\n")
+                fh.writelines(json.dumps(rec) + "\n" for rec in records)
     return Path(folder)

@@ -23,9 +23,8 @@ def _toy_run(dir_, values, gap):
            "config": {"model_args": "pretrained=m"}}
     (sub / "results_2026-01-01T00-00-00.json").write_text(json.dumps(cfg))
     with open(sub / "samples_toy_2026-01-01T00-00-00.jsonl", "w") as fh:
-        for i, v in enumerate(values):
-            fh.write(json.dumps({"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "metrics": ["pref", "gap"],
-                                 "pref": v, "gap": gap}) + "\n")
+        fh.writelines(json.dumps({"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "metrics": ["pref", "gap"],
+                                 "pref": v, "gap": gap}) + "\n" for i, v in enumerate(values))
 
 
 def test_mean_metric_exact_permutation_and_unresolvable_aggregate_is_listed(tmp_path):
@@ -158,7 +157,8 @@ def test_cli_writes_csv_and_markdown_with_bh_and_not_compared(tmp_path, capsys):
     write_run(tmp_path / "run", {"fare_crows_pairs": _crows_prefs([0, 1, 0, 0, 1, 0])})
     assert main([str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "out"),
                  "--bootstrap", "50", "--agg-permutations", "64", "--permutations", "64"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "out" / "comparison.csv")))
+    with open(tmp_path / "out" / "comparison.csv") as fh:
+        rows = list(csv.DictReader(fh))
     compared = [r for r in rows if r["kind"] != "not compared"]
     p = [float(r["pvalue"]) for r in compared]
     assert [float(r["pvalue_bh"]) for r in compared] == pytest.approx(list(multipletests(p, method="fdr_bh")[1]))
@@ -167,3 +167,19 @@ def test_cli_writes_csv_and_markdown_with_bh_and_not_compared(tmp_path, capsys):
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "Not compared, because" in md and "| fare_crows_pairs | parity_gap | aggregate |" in md
     assert "Not compared, because" in capsys.readouterr().out
+
+
+def test_repeated_documents_pair_by_occurrence_and_order_does_not_matter(tmp_path):
+    def rec(doc_id, h, v):
+        return {"doc_id": doc_id, "doc": {}, "filter": "none", "metrics": ["pref"], "doc_hash": h, "pref": v}
+
+    for name, rows in (("base", [rec(0, "h0", 1), rec(1, "h1", 0), rec(2, "dup", 1), rec(3, "dup", 0)]),
+                       ("run", [rec(0, "dup", 0), rec(1, "h1", 1), rec(2, "h0", 1), rec(3, "dup", 1)])):
+        sub = tmp_path / name / "m"
+        sub.mkdir(parents=True)
+        (sub / "results_x.json").write_text(json.dumps({"configs": {"toy": {"metric_list": [
+            {"metric": "pref", "aggregation": "mean"}]}}, "config": {"model_args": "pretrained=m"}}))
+        (sub / "samples_toy_x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=10).rows
+    # pairs: h0 1->1, h1 0->1, dup#0 1->0, dup#1 0->1
+    assert row["n"] == 4 and row["mean_a"] == 0.5 and row["mean_b"] == 0.75 and row["delta"] == pytest.approx(0.25)

@@ -94,7 +94,7 @@ def test_fare_compare_cli_bad_input_is_one_line_without_traceback(tmp_path):
     write_run(tmp_path / "nosamples", {"fare_crows_pairs": _crows()}, samples=False)
     for args in (["compare", str(tmp_path / "empty"), str(tmp_path / "empty")],
                  ["compare", str(tmp_path / "nosamples"), str(tmp_path / "nosamples")]):
-        proc = subprocess.run([sys.executable, "-m", "fare_models.cli", *args], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "fare_models.cli", *args], capture_output=True, text=True, check=False)
         assert proc.returncode != 0, proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

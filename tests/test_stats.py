@@ -1,7 +1,5 @@
 """fare_analysis.stats against scipy / statsmodels / hand-worked values."""
 
-import json
-
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -13,7 +11,6 @@ from fare_analysis.stats import (
     bh_family,
     bootstrap_ci,
     label_swap_test,
-    pair_log_samples,
     paired_comparison,
     paired_permutation_test,
 )
@@ -69,7 +66,7 @@ def test_permutation_monte_carlo_close_to_scipy_and_seeded():
 def test_permutation_custom_statistic_matches_scipy():
     rng = np.random.default_rng(3)
     d = rng.standard_t(3, 10) + 0.5
-    med = lambda a, axis=-1: np.median(a, axis=axis)  # noqa: E731
+    med = lambda a, axis=-1: np.median(a, axis=axis)
     ours = paired_permutation_test(d, statistic=med)
     ref = sps.permutation_test((d,), med, permutation_type="samples", vectorized=True, n_resamples=10_000)
     assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
@@ -127,7 +124,7 @@ def test_bootstrap_paired_non_mean_statistic_matches_scipy(method, scipy_method)
 
 def test_bootstrap_median_matches_scipy():
     x = np.random.default_rng(6).normal(size=25)
-    med = lambda a, axis=-1: np.median(a, axis=axis)  # noqa: E731
+    med = lambda a, axis=-1: np.median(a, axis=axis)
     ours = bootstrap_ci(x, statistic=med, seed=0)
     ref = sps.bootstrap((x,), med, n_resamples=1000, method="percentile", rng=0)
     assert (ours.low, ours.high) == pytest.approx(tuple(ref.confidence_interval), rel=1e-10)
@@ -159,40 +156,6 @@ def test_bh_hand_worked():
     np.testing.assert_allclose(bh_adjust([0.5, 0.03, 0.01, 0.02]), [0.5, 0.04, 0.04, 0.04])
     with pytest.raises(ValueError, match=r"p-value 1\.2 out of range; allowed: finite values in \[0, 1\]"):
         bh_adjust([0.1, 1.2])
-
-
-# ----------------------------------------------------------------- log_samples pairing
-
-
-def _write_log(path, rows, filter_key="none"):
-    with open(path, "w") as fh:
-        for doc_id, h, val in rows:
-            fh.write(json.dumps({"doc_id": doc_id, "doc": {}, "filter": filter_key, "metrics": ["acc"],
-                                 "doc_hash": h, "prompt_hash": "p", "acc": val}) + "\n")
-
-
-def test_pair_log_samples_by_hash(tmp_path):
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    _write_log(a, [(0, "h0", 1.0), (1, "h1", 0.0), (2, "h2", 1.0), (3, "dup", 1.0), (4, "dup", 0.0)])
-    # B: different doc order / ids, same documents
-    _write_log(b, [(0, "h2", 0.0), (1, "dup", 0.0), (2, "h0", 1.0), (3, "h1", 1.0), (4, "dup", 1.0)])
-    paired = pair_log_samples(a, b, "acc")
-    assert paired.doc_hashes == ["h0", "h1", "h2", "dup", "dup"]
-    np.testing.assert_array_equal(paired.a, [1, 0, 1, 1, 0])
-    np.testing.assert_array_equal(paired.b, [1, 1, 0, 0, 1])  # dup paired by occurrence in doc_id order
-    np.testing.assert_array_equal(paired.differences, [0, -1, 1, 1, -1])
-
-
-def test_pair_log_samples_errors(tmp_path):
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    _write_log(a, [(0, "h0", 1.0), (1, "h1", 0.0)])
-    _write_log(b, [(0, "h0", 1.0), (1, "hX", 0.0)])
-    with pytest.raises(ValueError, match="1 documents only in"):
-        pair_log_samples(a, b, "acc")
-    loose = pair_log_samples(a, b, "acc", strict=False)
-    assert loose.doc_hashes == ["h0"] and (loose.only_in_a, loose.only_in_b) == (1, 1)
-    with pytest.raises(ValueError, match="metric 'pct_stereotype' not logged; allowed: acc"):
-        pair_log_samples(a, b, "pct_stereotype", strict=False)
 
 
 def test_paired_comparison_and_family():
