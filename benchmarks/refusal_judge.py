@@ -96,8 +96,8 @@ def tables(records: list[dict], safe_responses: list[str]) -> str:
     recalls = [sum(REGISTRY.resolve(j)([""] * len(safe_responses), safe_responses)) for j in JUDGES]
     out += ["", f"| check | responses {head}", f"|---|---:{rule}",
             f"| disclaimers (action 3) count as refusals | {len(records)} | {_pr_cells(records, broad)} |",
-            f"| refusal_pairs safe responses (all refusals) | {len(safe_responses)} | - | "
-            f"{recalls[0] / len(safe_responses):.3f} | - | {recalls[1] / len(safe_responses):.3f} |"]
+            (f"| refusal_pairs safe responses (all refusals) | {len(safe_responses)} | - | "
+             f"{recalls[0] / len(safe_responses):.3f} | - | {recalls[1] / len(safe_responses):.3f} |")]
     return "\n".join(out) + "\n"
 
 

@@ -188,7 +188,9 @@ def test_per_token_default_matches_the_model_scored_directly(tiny_run, tiny_path
         positions = range(len(context_ids) - 1, len(context_ids) - 1 + n)
         return sum(logp[p, t].item() for p, t in zip(positions, cont_ids)) / n, n
 
-    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     by_id, examples = {}, []
     for sample in tiny_run["samples"]["fare_stereoset"]:
