@@ -183,3 +183,25 @@ def test_repeated_documents_pair_by_occurrence_and_order_does_not_matter(tmp_pat
     (row,) = compare_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=10).rows
     # pairs: h0 1->1, h1 0->1, dup#0 1->0, dup#1 0->1
     assert row["n"] == 4 and row["mean_a"] == 0.5 and row["mean_b"] == 0.75 and row["delta"] == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_real_lm_eval_run_recomputed_aggregates_equal_lm_evals_reported_values(tmp_path):
+    """A real `lm_eval --log_samples` run on fare-tiny: every compared value (mean, partial, aggregate
+    recomputed from the samples with the task's function) equals what lm-eval itself reported."""
+    import subprocess
+    import sys
+
+    from fare_analysis.runs import load_run
+
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "fare_moe", "--model_args", "pretrained=fare-tiny",
+           "--device", "cpu", "--tasks", "fare_crows_pairs,fare_bbq_1k", "--limit", "8", "--log_samples",
+           "--output_path", str(tmp_path / "base"), "--batch_size", "8"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    run = load_run(tmp_path / "base")
+    cmp = compare_runs(run, run, n_bootstrap=10, n_agg_permutations=10, n_permutations=10)
+    assert {r["kind"] for r in cmp.rows} >= {"mean", "aggregate"}
+    for r in cmp.rows:
+        reported = run.results[r["task"]][f"{r['metric']},none"]
+        assert r["mean_a"] == pytest.approx(reported, abs=1e-12), (r["task"], r["metric"])
+        assert r["delta"] == 0.0 and r["pvalue"] == 1.0
