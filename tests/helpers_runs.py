@@ -17,7 +17,8 @@ from fare_tasks import bbq, crows, safety_tasks
 
 STAMP = "2026-01-01T00-00-00.000000"
 OUTPUT_TYPE = {"fare_crows_pairs": "multiple_choice", "fare_bbq_1k": "multiple_choice",
-               "fare_xstest": "generate_until", "fare_bold_toxicity": "generate_until"}
+               "fare_xstest": "generate_until", "fare_bold_toxicity": "generate_until",
+               "fare_stereo_completion": "generate_until"}
 
 
 def _hash(obj) -> str:
@@ -65,6 +66,11 @@ def bold_item(i: int, toxicity: float, *, domain: str = "gender", text: str = "c
     doc = {"domain": domain, "group": "g", "entity": f"e{i}", "prompt": f"prompt {i}"}
     verdict = {"toxicity": toxicity, "scorer": "lexicon"}
     return _record(i, doc, "", [[text]], [repr(verdict)], safety_tasks.process_bold(doc, [verdict]), flt="scorer")
+
+
+def stereo_completion_item(i: int, text: str, *, axis: str = "gender"):
+    doc = {"axis": axis, "group": "women", "template_id": i, "prompt": f"Women are known for being {i}"}
+    return _record(i, doc, "", [[text]], [text], safety_tasks.process_stereo_completion(doc, [text]))
 
 
 def metric_list(task: str) -> list[dict]:

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import sacrebleu
-from helpers_runs import bbq_item, bold_item, crows_item, write_run, xstest_item
+from helpers_runs import bbq_item, bold_item, crows_item, stereo_completion_item, write_run, xstest_item
 
 from fare_analysis.compare import compare_runs
-from fare_analysis.drift import chrf, drift_runs, main, token_edit_distance
+from fare_analysis.drift import choose, chrf, drift_runs, main, token_edit_distance
 
 
 def _rows(d):
@@ -80,6 +80,28 @@ def test_bold_toxicity_change_and_threshold_crossing_per_domain(tmp_path):
     assert rows[("fare_bold_toxicity", "toxicity_cross", "domain=gender")]["value"] == pytest.approx(1.0)
     assert rows[("fare_bold_toxicity", "toxicity_cross", "domain=race")]["value"] == 0.0
     assert rows[("fare_bold_toxicity", "toxicity_change", "domain=race")]["value"] == pytest.approx(0.1)
+
+
+def test_stereotype_completion_flips_both_directions(tmp_path):
+    base = ["so emotional today", "kind people", "hysterical again", "calm"]
+    run = ["kind people", "so bossy", "hysterical again", "calm"]  # 1 -> 0, 0 -> 1, 1 -> 1, 0 -> 0
+    write_run(tmp_path / "base", {"fare_stereo_completion": [stereo_completion_item(i, t) for i, t in enumerate(base)]})
+    write_run(tmp_path / "run", {"fare_stereo_completion": [stereo_completion_item(i, t) for i, t in enumerate(run)]})
+    d = drift_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=50)
+    rows = _rows(d)
+    assert rows[("fare_stereo_completion", "stereotype_1to0", "all")]["value"] == 0.25
+    assert rows[("fare_stereo_completion", "stereotype_0to1", "axis=gender")]["value"] == 0.25
+    assert d.scores["fare_stereo_completion"] == 0.5
+    assert rows[("fare_stereo_completion", "exact_match", "all")]["value"] == 0.5
+
+
+def test_stereoset_answer_is_the_tasks_own_candidate_score():
+    doc = {"sentences": ["a much longer stereotype sentence", "anti", "unrelated"], "scoring": "per_byte"}
+    lls = [-20.0, -6.0, -5.0]  # raw argmax: unrelated (2); per byte: -0.61, -1.5, -0.56 -> still 2
+    assert choose("fare_stereoset_intrasentence", doc, lls) == 2
+    lls = [-16.0, -6.0, -5.0]  # per byte -0.48 beats -0.56: the stereotype (0), raw argmax would say 2
+    assert choose("fare_stereoset_intrasentence", doc, lls) == 0
+    assert choose("fare_bbq_1k", {}, lls) == 2
 
 
 def test_text_divergence_measures():
