@@ -34,7 +34,7 @@ def fare_error_in(exc: BaseException | None) -> FareError | None:
         if isinstance(exc, FareError):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)  # as tracebacks show it
     return None
 
 

@@ -326,5 +326,12 @@ def test_outputs_get_umask_permissions_like_any_other_file(tmp_path):
 def test_report_is_none_for_errors_that_are_not_ours(capsys, monkeypatch):
     monkeypatch.delenv("FARE_DEBUG", raising=False)
     assert report(ValueError("a library's own error"), "fare x") is None
+    try:
+        try:
+            raise FareError("handled inside")
+        except FareError:
+            raise KeyError("a new error, its context hidden") from None
+    except KeyError as e:
+        assert report(e, "fare x") is None  # `from None`: the FareError is not the story
     assert report(FareError("bad\nvalue"), "fare x") == 2
     assert capsys.readouterr().err == "fare x: error: bad value\n"
