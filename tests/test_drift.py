@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 import sacrebleu
-from helpers_runs import bbq_item, bold_item, crows_item, stereo_completion_item, write_run, xstest_item
+from helpers_runs import (
+    bbq_item,
+    bold_item,
+    crows_item,
+    stereo_completion_item,
+    write_run,
+    xstest_item,
+)
 
 from fare_analysis.compare import compare_runs
 from fare_analysis.drift import choose, chrf, drift_runs, main, token_edit_distance
