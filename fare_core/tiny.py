@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fare_core.errors import FareError
+from fare_core.files import normal_permissions
 
 TINY_PREFIX = "fare-tiny"
 #: Part of the on-disk cache directory name: bump it whenever the cached model or tokenizer changes, so
@@ -192,6 +193,7 @@ def tiny_model_path(spec: str = TINY_PREFIX) -> Path:
         model.config.name_or_path = f"{TINY_PREFIX}:{model_type}"
         model.save_pretrained(tmp)
         build_tokenizer().save_pretrained(tmp)
+        normal_permissions(tmp)  # mkdtemp and safetensors make 0700/0600; a shared cache must be readable
         try:
             os.replace(tmp, target)  # atomic publish; a concurrent builder may have won
         except OSError:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fare_core.files import normal_permissions
+
 #: benchmark -> (GitHub repository, pinned commit) the files were taken from (see SOURCE.md).
 _SOURCES: dict[str, tuple[str, str]] = {
     "advbench": ("no-touch-fish/LLM-attack-ignore", "0f505d82e25c15a83b6954db28191b69927a255d"),
@@ -250,6 +252,7 @@ def _download(entry: BenchmarkFile, target: Path) -> Path:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as resp:
             out.write(resp.read())
         _verified(Path(tmp), entry)
+        normal_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fare_core.errors import FareError, install_excepthook, report
-from fare_core.files import atomic_write
+from fare_core.files import atomic_write, current_umask
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -290,10 +290,10 @@ def test_toxicity_fallback_notice_prints_once(monkeypatch, caplog):
     assert sum("detoxify is not installed" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_outputs_get_umask_permissions_like_any_other_file(tmp_path):
+def test_outputs_get_umask_permissions_like_any_other_file(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from fare_core.tiny import build_tiny_model
+    from fare_core.tiny import build_tiny_model, tiny_model_path
     from fare_models.profile import save_profile
     from fare_models.surgery import Recorder
 
@@ -321,6 +321,11 @@ def test_outputs_get_umask_permissions_like_any_other_file(tmp_path):
     written = [profile, *sorted(routing.iterdir()), checkpoint / "model.safetensors"]
     assert {p.name: mode(p) for p in written} == {p.name: 0o640 for p in written}
     assert mode(checkpoint) == 0o750
+    monkeypatch.setenv("FARE_CACHE_DIR", str(tmp_path / "cache"))  # a fresh fare-tiny cache (mkdtemp inside)
+    tiny = tiny_model_path("fare-tiny:mixtral")
+    umask = current_umask()
+    assert {p.name: mode(p) for p in tiny.iterdir()} == {p.name: 0o666 & ~umask for p in tiny.iterdir()}
+    assert mode(tiny) == 0o777 & ~umask
 
 
 def test_report_is_none_for_errors_that_are_not_ours(capsys, monkeypatch):
