@@ -181,8 +181,10 @@ def _as_run(x) -> Run:
 
 def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
                  n_bootstrap: int = DEFAULT_BOOTSTRAP, n_agg_permutations: int = DEFAULT_AGG_PERMUTATIONS,
-                 strict: bool = False, allow_other_model: bool = False, progress=None) -> Comparison:
-    """Compare every metric of ``run`` with ``base`` (see the module docstring); BH is the caller's."""
+                 strict: bool = False, allow_other_model: bool = False, n_jobs: int = 1, progress=None) -> Comparison:
+    """Compare every metric of ``run`` with ``base`` (see the module docstring); BH is the caller's.
+
+    ``n_jobs`` > 1 computes the aggregate metrics in that many worker processes (same numbers)."""
     base, run = _as_run(base), _as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     cmp = Comparison(base=base, run=run)
@@ -194,16 +196,22 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
     diffs = config_differences(base, run, common)
     if diffs:
         cmp.warnings.append("settings that change numbers differ: " + "; ".join(diffs))
+    jobs: list[dict] = []
+    order: dict[tuple[str, str], int] = {}
     for i, task in enumerate(common, 1):
         if progress:
             progress(f"compare: {task} ({i}/{len(common)})")
-        _compare_task(cmp, task, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                      n_agg_permutations=n_agg_permutations, strict=strict, progress=progress)
+        _compare_task(cmp, task, jobs, order, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+                      strict=strict)
+    run_aggregate_jobs(cmp, jobs, n_jobs=n_jobs, progress=progress, seed=seed, n_permutations=n_agg_permutations,
+                       n_bootstrap=n_bootstrap)
+    cmp.rows.sort(key=lambda r: order[(r["task"], r["metric"])])  # the tasks' metric_list order
     return cmp
 
 
-def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstrap, n_agg_permutations, strict,
-                  progress=None):
+def _compare_task(cmp: Comparison, task: str, jobs: list, order: dict, *, seed, n_permutations, n_bootstrap,
+                  strict) -> None:
+    """Mean and partial metrics of one task into ``cmp``; aggregate metrics appended to ``jobs``."""
     base, run = cmp.base, cmp.run
     a_items, filters = _read_task(base, task)
     b_items, b_filters = _read_task(run, task)
@@ -230,6 +238,7 @@ def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstr
             name = metric if len(filters) == 1 else f"{metric},{flt}"
             keys = [k for k in shared if k[0] == flt]
             row = {"task": task, "metric": name}
+            order.setdefault((task, name), len(order))
             a_has = sum(1 for k, v in a_items.items() if k[0] == flt and metric in v)
             b_has = sum(1 for k, v in b_items.items() if k[0] == flt and metric in v)
             pairs = [(a_items[k][metric], b_items[k][metric]) for k in keys
@@ -255,22 +264,57 @@ def _compare_task(cmp: Comparison, task: str, *, seed, n_permutations, n_bootstr
                     res = paired_comparison([a for a, _ in nums], [b for _, b in nums], name=f"{task}/{name}",
                                             seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
                 else:
-                    fn, note = resolve_aggregation(task, metric, agg, (cfg.get("metadata") or {}).get("config_source"))
+                    source = (cfg.get("metadata") or {}).get("config_source")
+                    fn, note = resolve_aggregation(task, metric, agg, source)
                     if fn is None:
                         cmp.not_compared.append({**row, "reason": note})
                         continue
                     if note:
                         cmp.warnings.append(f"{task}/{name}: {note}; recomputed with the installed one")
-                    kind = "aggregate"
-                    if progress and len(pairs) >= 200:
-                        progress(f"compare: {task}/{name}: aggregate on {len(pairs)} paired items")
-                    res = aggregate_comparison([a for a, _ in pairs], [b for _, b in pairs], fn,
-                                               name=f"{task}/{name}", seed=seed, n_permutations=n_agg_permutations,
-                                               n_bootstrap=n_bootstrap)
+                    jobs.append({"row": row, "task": task, "metric": metric, "aggregation": agg, "source": source,
+                                 "a": [a for a, _ in pairs], "b": [b for _, b in pairs]})
+                    continue
             except ValueError as e:
                 cmp.not_compared.append({**row, "reason": str(e)})
                 continue
             cmp.rows.append({**row, "kind": kind, **{k: v for k, v in res.items() if k != "name"}})
+
+
+def _aggregate_job(job: dict, options: dict):
+    """One aggregate metric (runs in a worker process with --jobs): its result dict, or the reason."""
+    fn, _ = resolve_aggregation(job["task"], job["metric"], job["aggregation"], job["source"])
+    try:
+        return aggregate_comparison(job["a"], job["b"], fn, name=f"{job['task']}/{job['row']['metric']}", **options)
+    except ValueError as e:
+        return str(e)
+
+
+def run_aggregate_jobs(cmp: Comparison, jobs: list[dict], *, n_jobs: int = 1, progress=None, **options) -> None:
+    """Compare the aggregate metrics (the slow part: two calls of the task's function per resample),
+    in ``n_jobs`` worker processes when asked; rows keep the order of the jobs."""
+    if progress and jobs:
+        progress(f"compare: {len(jobs)} aggregate metrics on {n_jobs} process(es)")
+    if n_jobs > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from itertools import repeat
+
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
+            results = list(pool.map(_aggregate_job, jobs, repeat(options)))
+    else:
+        results = []
+        for i, job in enumerate(jobs, 1):
+            if progress and len(job["a"]) >= 200:
+                progress(f"compare: {job['task']}/{job['row']['metric']} (aggregate {i}/{len(jobs)}, "
+                         f"{len(job['a'])} paired items)")
+            results.append(_aggregate_job(job, options))
+    for job, res in zip(jobs, results):
+        if isinstance(res, str):
+            cmp.not_compared.append({**job["row"], "reason": res})
+        else:
+            cmp.rows.append({**job["row"], "kind": "aggregate", **{k: v for k, v in res.items() if k != "name"}})
 
 
 # ------------------------------------------------------------------------ output
@@ -324,13 +368,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--agg-permutations", type=int, default=DEFAULT_AGG_PERMUTATIONS,
                     help="label-swap permutations for aggregate metrics (each recomputes the aggregate)")
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for the aggregate metrics")
     args = ap.parse_args(argv)
-    for flag in ("permutations", "agg_permutations", "bootstrap"):
+    for flag in ("permutations", "agg_permutations", "bootstrap", "jobs"):
         if getattr(args, flag) < 1:
             raise FareError(f"--{flag.replace('_', '-')}={getattr(args, flag)}; allowed: a positive integer")
     cmp = compare_runs(args.base, args.run, seed=args.seed, n_permutations=args.permutations,
                        n_bootstrap=args.bootstrap, n_agg_permutations=args.agg_permutations, strict=args.strict,
-                       allow_other_model=args.allow_other_model,
+                       allow_other_model=args.allow_other_model, n_jobs=args.jobs,
                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if cmp.rows:
         cmp.rows = bh_family(cmp.rows)

@@ -78,6 +78,16 @@ def test_crows_parity_gap_recomputed_with_the_task_function_matches_scipy(tmp_pa
     assert rows["stereotype_preference"]["kind"] == "mean"
 
 
+def test_worker_processes_give_the_same_rows(tmp_path):
+    write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs([1, 1, 0, 1, 1, 0, 1, 1], 5)})
+    write_run(tmp_path / "run", {"fare_crows_pairs": _crows_prefs([0, 1, 0, 0, 1, 0, 1, 0], 5)})
+    kw = {"n_bootstrap": 100, "n_agg_permutations": 100}
+    serial = compare_runs(tmp_path / "base", tmp_path / "run", **kw).rows
+    parallel = compare_runs(tmp_path / "base", tmp_path / "run", n_jobs=2, **kw).rows
+    assert [r["metric"] for r in serial] == [m["metric"] for m in metric_list("fare_crows_pairs")]
+    assert parallel == serial
+
+
 def test_bbq_bias_scores_hand_worked(tmp_path):
     # ambiguous items, gold = unknown (2), bias target = option 0
     base_preds = [0, 0, 0, 0, 1, 1, 2, 2]  # acc 2/8; s_DIS = 2*4/6 - 1 = 1/3; s_AMB = 0.75 * 1/3 = 0.25
