@@ -23,15 +23,16 @@ renamed into place; an existing one is replaced only with ``overwrite=True`` (``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
@@ -58,6 +59,8 @@ HEADLINE = {
     "fare_perplexity": ("word_perplexity",),
 }
 MARKER = "leaderboard.json"
+CACHE = "cache"  # per-run comparison results (JSON, keyed by cache_key) for resuming
+CACHE_FORMAT = 1
 IDENTITY_KEYS = ("model", "revision", "method", "method_params", "p", "intervention", "lam", "layers", "mask")
 
 
@@ -71,6 +74,7 @@ class Entry:
     drift: dict[str, float] = field(default_factory=dict)  # task (and "run") -> drift score
     warnings: list[str] = field(default_factory=list)
     not_compared: list[dict] = field(default_factory=list)
+    cache_key: str = ""
 
     @property
     def role(self) -> str:
@@ -200,26 +204,56 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _file_stamp(run: Run) -> list:
+    files = sorted({*run.results_files, *run.tasks.values()})
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def cache_key(e: Entry, opts: dict) -> str:
+    """Content key of one run's comparison: both runs' files (path, size, mtime) and the options."""
+    blob = json.dumps({"format": CACHE_FORMAT, "base": _file_stamp(e.baseline), "run": _file_stamp(e.run),
+                       "opts": opts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def compute(entries: Sequence[Entry], *, seed: int, n_permutations: int, n_bootstrap: int, drift: bool,
-            n_agg_permutations: int | None = None, log: Callable[[str], None] = _progress) -> list[dict]:
-    """Compare (and drift-score) every run against its baseline, one at a time; returns all rows."""
+            n_agg_permutations: int | None = None, log: Callable[[str], None] = _progress,
+            cache_in: Sequence[Path] = (), cache_out: Path | None = None) -> list[dict]:
+    """Compare (and drift-score) every run against its baseline, one at a time; returns all rows.
+
+    Each run's result is stored as ``cache_out/<key>.json`` as soon as it is done; a result found in
+    ``cache_in`` under the same key (same files, same options) is reused, so an interrupted or
+    extended leaderboard resumes where it stopped.
+    """
     todo = [e for e in entries if e.role == "run"]
     long_rows: list[dict] = []
+    extra = {} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}
+    opts = {"seed": seed, "n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "drift": drift, **extra}
     t0 = time.monotonic()
     for i, e in enumerate(todo, 1):
-        extra = {} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}
-        rows, e.not_compared, e.warnings = _compare(e.baseline, e.run, seed=seed, n_permutations=n_permutations,
+        key = e.cache_key = cache_key(e, opts)
+        hit = next((d / f"{key}.json" for d in cache_in if (d / f"{key}.json").is_file()), None)
+        if hit is not None:
+            done = json.loads(hit.read_text())
+        else:
+            rows, not_compared, warnings = _compare(e.baseline, e.run, seed=seed, n_permutations=n_permutations,
                                                     n_bootstrap=n_bootstrap, **extra)
-        for r in rows:
+            scores = {}
+            if drift:
+                scores, warns = _drift_scores(e.baseline, e.run, seed, n_bootstrap)
+                warnings += [w for w in warns if w not in warnings and not any(w.endswith(x) for x in warnings)]
+            done = {"rows": rows, "not_compared": not_compared, "warnings": warnings, "drift": scores}
+        if cache_out is not None:
+            text = json.dumps(done, default=str)
+            atomic_write(cache_out / f"{key}.json", lambda t, text=text: t.write_text(text))
+        e.not_compared, e.warnings, e.drift = done["not_compared"], done["warnings"], done["drift"]
+        for r in done["rows"]:
             e.cells[f"{r['task']}/{r['metric']}"] = r
             long_rows.append({"run": e.run.label, "path": str(e.run.path), "baseline": str(e.baseline.path),
                               **{k: v for k, v in r.items() if k not in ("pvalue_bh", "bh_family_size")}})
-        if drift:
-            e.drift, warns = _drift_scores(e.baseline, e.run, seed, n_bootstrap)
-            e.warnings += [w for w in warns if w not in e.warnings and not any(w.endswith(x) for x in e.warnings)]
         elapsed = time.monotonic() - t0
-        log(f"leaderboard: [{i}/{len(todo)}] {e.run.label} ({e.run.path}) done, {elapsed:.1f} s elapsed, "
-            f"~{elapsed / i * (len(todo) - i):.0f} s left")
+        log(f"leaderboard: [{i}/{len(todo)}] {e.run.label} ({e.run.path}) {'cached' if hit else 'done'}, "
+            f"{elapsed:.1f} s elapsed, ~{elapsed / i * (len(todo) - i):.0f} s left")
     return long_rows
 
 
@@ -478,15 +512,19 @@ def _plots(d: Path, entries, metrics, rows, inst_cells) -> dict[str, Path]:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """The work folder ``.<out>.partial`` next to ``out``; a killed build's one is kept for its cache."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FareError(f"--out {out}: exists and is not empty; pass --overwrite to replace it or choose a new folder")
         if not (out / MARKER).is_file():
             raise FareError(f"--out {out}: not a leaderboard folder (no {MARKER}); refusing to replace it even with "
                             "--overwrite; choose a new folder")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.is_dir():
+        for child in tmp.iterdir():
+            if child.name != CACHE:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    (tmp / CACHE).mkdir(parents=True, exist_ok=True)
     return tmp
 
 
@@ -514,7 +552,12 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
     tmp = _prepare_out(out, overwrite)
     try:
         long_rows = compute(entries, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                            drift=drift, n_agg_permutations=n_agg_permutations, log=log)
+                            drift=drift, n_agg_permutations=n_agg_permutations, log=log,
+                            cache_in=[tmp / CACHE, out / CACHE], cache_out=tmp / CACHE)
+        used = {f"{e.cache_key}.json" for e in entries}
+        for stale in (tmp / CACHE).iterdir():  # keep only the entries of this table's runs
+            if stale.name not in used:
+                stale.unlink()
         family = adjust(entries, cols)
         drift_tasks = sorted({t for e in entries for t in e.drift if t != "run"})
         drift_tasks += ["run"] if any("run" in e.drift for e in entries) else []
@@ -556,8 +599,9 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
                     "files": sorted(str(p.relative_to(tmp)) for p in paths.values() if p is not None)}
         atomic_write(tmp / MARKER, lambda t: t.write_text(json.dumps(manifest, indent=2) + "\n"))
         _publish(tmp, out)
-    finally:
+    except FareError:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {k: out / p.relative_to(tmp) for k, p in paths.items() if p is not None}
 
 

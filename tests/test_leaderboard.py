@@ -303,3 +303,35 @@ def test_cli_error_is_one_line(study, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(study["qwen_run"]) in lines[0] and "--baseline" in lines[0]
+
+
+def test_interrupted_build_resumes_and_extension_reuses_results(study, tmp_path, monkeypatch):
+    import fare_analysis.leaderboard as lb
+
+    real, calls = lb._compare, []
+
+    def flaky(base, run, **kw):
+        calls.append(run.path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while comparing the third run
+        return real(base, run, **kw)
+
+    monkeypatch.setattr(lb, "_compare", flaky)
+    runs = [study[n] for n in ("hc_smoe_p0.75", "run_b", "magnitude_p0.25", "run_d")]
+    out = tmp_path / "board"
+    with pytest.raises(KeyboardInterrupt):
+        build_leaderboard(runs, [study["base_olmoe"]], out, **FAST)
+    assert not out.exists()
+    calls.clear()
+    build_leaderboard(runs, [study["base_olmoe"]], out, **FAST)
+    assert calls == [study["magnitude_p0.25"], study["run_d"]]  # the first two came from the cache
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(lb, "_compare", real)
+    build_leaderboard(runs, [study["base_olmoe"]], fresh, **FAST)
+    assert (out / "leaderboard.csv").read_text() == (fresh / "leaderboard.csv").read_text()
+    monkeypatch.setattr(lb, "_compare", flaky)
+    calls.clear()
+    build_leaderboard(runs + [study["qwen_run"]], [study["base_olmoe"], study["base_qwen"]], out, overwrite=True, **FAST)
+    assert calls == [study["qwen_run"]]
+    assert len(list((out / "cache").iterdir())) == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
