@@ -175,6 +175,18 @@ def check_pair(base: Run, run: Run, *, allow_other_model: bool = False) -> list[
     return common
 
 
+def refuse_overwrite(out: Path | None, names, overwrite: bool) -> None:
+    """One-line error, before any work, when ``out`` already holds one of our outputs and ``--overwrite`` is off."""
+    if out is None or overwrite:
+        return
+    if out.exists() and not out.is_dir():
+        raise FareError(f"--out {out} is a file; pass a folder")
+    present = [n for n in names if (out / n).exists()]
+    if present:
+        raise FareError(f"{out} already holds {', '.join(present)}; pass --overwrite to replace them or choose "
+                        "another --out")
+
+
 def _as_run(x) -> Run:
     return x if isinstance(x, Run) else load_run(x)
 
@@ -369,7 +381,9 @@ def main(argv: list[str]) -> int:
                     help="label-swap permutations for aggregate metrics (each recomputes the aggregate)")
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for the aggregate metrics")
+    ap.add_argument("--overwrite", action="store_true", help="replace comparison.csv/.md already in --out")
     args = ap.parse_args(argv)
+    refuse_overwrite(args.out, ("comparison.csv", "comparison.md"), args.overwrite)
     for flag in ("permutations", "agg_permutations", "bootstrap", "jobs"):
         if getattr(args, flag) < 1:
             raise FareError(f"--{flag.replace('_', '-')}={getattr(args, flag)}; allowed: a positive integer")

@@ -43,7 +43,7 @@ import numpy as np
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
-from .compare import check_pair, config_differences
+from .compare import check_pair, config_differences, refuse_overwrite
 from .runs import Run, iter_samples, load_run
 from .stats import DEFAULT_BOOTSTRAP, bootstrap_ci
 
@@ -59,6 +59,7 @@ CATEGORY_FIELDS = {
 }
 SCORE_MEASURES = ("refusal_flip", "answer_flip", "toxicity_cross", "stereotype_flip")
 COLUMNS = ["run", "run_path", "task", "measure", "category", "n", "value", "ci_low", "ci_high"]
+OUTPUTS = ("drift.csv", "drift.md", "drift_scores.png", "drift_categories.png")
 
 
 @dataclass
@@ -233,6 +234,9 @@ def drift_runs(base, run, *, seed: int = 0, n_bootstrap: int = DEFAULT_BOOTSTRAP
     run = run if isinstance(run, Run) else load_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     out = Drift(base=base, run=run)
+    alone = sorted(base.tasks.keys() ^ run.tasks.keys())
+    if alone:
+        out.warnings.append(f"{run.path}: tasks of one run only (no drift): {', '.join(alone)}")
     diffs = config_differences(base, run, common)
     if diffs:
         out.warnings.append(f"{run.path}: settings that change numbers differ from the base: " + "; ".join(diffs))
@@ -360,9 +364,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--allow-other-model", action="store_true", help="accept runs of another model than the base")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
+    ap.add_argument("--overwrite", action="store_true", help="replace drift outputs already in --out")
     args = ap.parse_args(argv)
     if args.bootstrap < 1:
         raise FareError(f"--bootstrap={args.bootstrap}; allowed: a positive integer")
+    refuse_overwrite(args.out, OUTPUTS, args.overwrite)
     base = load_run(args.base)
     runs = [load_run(p) for p in args.runs]  # every folder is checked before anything is computed
     for r in runs:

@@ -161,6 +161,14 @@ def test_runs_of_different_models_or_tasks_are_refused(tmp_path):
         compare_runs(tmp_path / "a", tmp_path / "c")
 
 
+def test_fare_run_folder_cannot_be_compared_item_by_item(tmp_path):
+    (tmp_path / "x" / "report").mkdir(parents=True)
+    (tmp_path / "x" / "report" / "manifest.json").write_text(json.dumps({"model": "fare-tiny", "lambda_star": 0.5}))
+    write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs([1, 0])})
+    with pytest.raises(FareError, match="without lm-eval samples cannot be compared.*--log_samples"):
+        compare_runs(tmp_path / "base", tmp_path / "x")
+
+
 def test_cli_writes_csv_and_markdown_with_bh_and_not_compared(tmp_path, capsys):
     write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs([1, 1, 0, 1, 1, 1]),
                                   "fare_xstest": [xstest_item(0, True)]})

@@ -18,6 +18,7 @@ from helpers_runs import (
 
 from fare_analysis.compare import compare_runs
 from fare_analysis.drift import choose, chrf, drift_runs, main, token_edit_distance
+from fare_core.errors import FareError
 
 
 def _rows(d):
@@ -131,6 +132,12 @@ def test_cli_several_runs_writes_csv_md_png(tmp_path, capsys):
     assert "| run |" in (tmp_path / "o" / "drift.md").read_text()
     for png in ("drift_scores.png", "drift_categories.png"):
         assert (tmp_path / "o" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = (tmp_path / "o" / "drift.csv").read_bytes()
+    with pytest.raises(FareError, match="already holds drift.csv.*--overwrite"):
+        main([str(tmp_path / "base"), str(tmp_path / "r1"), "--out", str(tmp_path / "o")])
+    assert (tmp_path / "o" / "drift.csv").read_bytes() == before
+    assert main([str(tmp_path / "base"), str(tmp_path / "r1"), "--out", str(tmp_path / "o"), "--overwrite",
+                 "--bootstrap", "20"]) == 0
 
 
 @pytest.mark.parametrize("case", ["other_model", "other_tasks", "no_samples"])
