@@ -204,14 +204,23 @@ def write_aals(result: AALSResult, out_dir, *, plot: bool = True) -> list:
     rows = [{"layer": l, "delta_bias": b, "delta_ppl": p, "R": r, "selected": l in result.selected}
             for l, b, p, r in zip(result.layers, result.delta_bias, result.delta_ppl, result.ratio)]
     paths = list(write_table(rows, out / "aals", title=f"AALS R(l), q={result.quantile:g}, "
-                             f"threshold {result.threshold:.4g}", digits=4))
+                             f"threshold {result.threshold:.4g}" + fallback_note(result), digits=4))
     (out / "aals.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     paths.append(out / "aals.json")
     if plot:
         from .plots import aals_ratio
 
-        paths.append(aals_ratio(result, out / "aals.png"))
+        aals_ratio(result, out / "aals.png")
+        paths.append(out / "aals.png")
     return paths
+
+
+def fallback_note(result) -> str:
+    """``"; fallback: ..."`` when no layer's R exceeded the threshold and min_layers picked the top R, else ``""``."""
+    if not result.fallback:
+        return ""
+    return (f"; fallback: no layer's R exceeded the q{result.quantile:g} threshold, so the top-{len(result.selected)} "
+            f"R layer(s) {result.selected} were taken (min_layers={result.min_layers})")
 
 
 def write_operating_point(op: OperatingPoint, out_dir) -> list:

@@ -21,26 +21,19 @@ def _fail(cmd: str, err: Exception) -> int:
     return 2
 
 
-def _contexts(value: str):
-    if value == "all":
-        return "all"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: allowed: an integer or 'all'") from None
-
-
 def prompts(argv: list[str]) -> int:
     """``fare prompts --out DIR``: write the seeded demographic prompt set (SPEC section 1)."""
     from .prompts import AXES, DEFAULT_CONTEXTS_PER_DESCRIPTOR, DEFAULT_VALIDATION_FRACTION, build_prompt_set
 
-    ap = argparse.ArgumentParser(prog="fare prompts", description=prompts.__doc__)
+    ap = argparse.ArgumentParser(prog="fare prompts", description="Write the seeded demographic prompt set: 576 "
+                                 "neutral prompts and each descriptor inserted into --contexts-per-descriptor of them.")
     ap.add_argument("--out", required=True, type=Path, help="output folder (prompts.jsonl + prompts_manifest.json)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--axes", default=None, help=f"comma-separated subset of: {', '.join(AXES)}")
-    ap.add_argument("--contexts-per-descriptor", type=_contexts, default=DEFAULT_CONTEXTS_PER_DESCRIPTOR,
-                    help="contexts each descriptor is inserted into (int or 'all'); default 80 -> 3,280 prompts")
-    ap.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the context choice and the split (default 0)")
+    ap.add_argument("--axes", default=None, help=f"comma-separated subset of: {', '.join(AXES)} (default: all)")
+    ap.add_argument("--contexts-per-descriptor", type=contexts, default=DEFAULT_CONTEXTS_PER_DESCRIPTOR,
+                    help="contexts each descriptor is inserted into (an integer or 'all'); default 80 -> 3,280 prompts")
+    ap.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION,
+                    help=f"share of contexts in the validation split (default {DEFAULT_VALIDATION_FRACTION:g})")
     ap.add_argument("--tokenizer", default=None, help="also write token_positions.jsonl for this tokenizer "
                     "(hub id, local path or fare-tiny): token count and inserted-descriptor token positions")
     args = ap.parse_args(argv)
@@ -74,55 +67,43 @@ def prompts(argv: list[str]) -> int:
     return 0
 
 
-def _weights(value: str) -> dict:
-    out = {}
-    for part in value.split(","):
-        key, sep, num = part.partition("=")
-        try:
-            out[key.strip()] = float(num)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected name=number, e.g. ard=1,jsd=0.5,pmi=0.3,ent=0") from None
-        if not sep:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected name=number")
-    return out
-
-
 def profile(argv: list[str]) -> int:
     """``fare profile --model M --out DIR``: routing extraction + FSP -> phi profile (SPEC sections 2-3)."""
-    from .fsp import _CHOICES, DEFAULT_WEIGHTS, FSPOptions
     from .prompts import PromptSet, build_prompt_set
     from .profiling import TOKEN_MODES, load_model, profile_model
+    from .work import Heartbeat
 
-    ap = argparse.ArgumentParser(prog="fare profile", description=profile.__doc__)
+    ap = argparse.ArgumentParser(prog="fare profile", description="Run the prompt set through the model, record its "
+                                 "routing and compute the FSP sensitivity profile phi (phi.safetensors, fsp_*.csv, plots).")
     ap.add_argument("--model", required=True, help="hub id, local path, fare-tiny or fare-tiny:<model_type>")
-    ap.add_argument("--revision", default=None)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--prompts", type=Path, default=None, help="folder or prompts.jsonl from `fare prompts` "
+    ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model; recorded")
+    ap.add_argument("--out", required=True, type=Path, help="output folder")
+    ap.add_argument("--prompts", type=Path, default=None, help="folder or prompts.jsonl from fare prompts "
                     "(default: build the default set with --seed)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", default="validation", choices=["validation", "test", "all"])
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--token-mode", default="all", choices=TOKEN_MODES)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--weights", type=_weights, default=dict(DEFAULT_WEIGHTS),
-                    help="FSP weights, default ard=1,jsd=0.5,pmi=0.3,ent=0")
-    for name, allowed in _CHOICES.items():
-        ap.add_argument("--" + name.replace("_", "-"), default=getattr(FSPOptions, name), choices=allowed)
-    ap.add_argument("--pmi-smoothing", type=float, default=FSPOptions.pmi_smoothing)
-    ap.add_argument("--top-share-k", type=int, default=FSPOptions.top_share_k)
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the default prompt set (default 0)")
+    ap.add_argument("--split", default="validation", choices=["validation", "test", "all"],
+                    help="prompts profiled (default: validation; the test split is kept for evaluation)")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward batch (default 16)")
+    ap.add_argument("--token-mode", default="all", choices=TOKEN_MODES,
+                    help="all tokens, or shared: leave out the inserted descriptor's tokens (default: all)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="dtype the model is loaded in (default: auto = the checkpoint's)")
+    add_fsp_options(ap)
+    ap.add_argument("--no-plots", action="store_true", help="skip phi_heatmap.png and jsd_by_axis.png")
+    _progress_flags(ap)
     args = ap.parse_args(argv)
     try:
-        opts = FSPOptions(weights=args.weights, pmi_smoothing=args.pmi_smoothing, top_share_k=args.top_share_k,
-                          **{name: getattr(args, name) for name in _CHOICES})
+        opts = fsp_options(args)
         ps = PromptSet.read(args.prompts) if args.prompts else build_prompt_set(seed=args.seed)
-        model, tok, model_id = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
-        out = profile_model(model, tok, ps, args.out, model_id=model_id, split=args.split,
-                            batch_size=args.batch_size, token_mode=args.token_mode, options=opts,
-                            plots=not args.no_plots, progress=args.progress,
-                            extra_manifest={"revision": args.revision, "versions": _versions()})
+        bars, heartbeat = progress_mode(args)
+        model, tok, model_id = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                                          progress=bars)
+        with Heartbeat("profile", lambda m: print(m, file=sys.stderr, flush=True), heartbeat or 0.0):
+            out = profile_model(model, tok, ps, args.out, model_id=model_id, split=args.split,
+                                batch_size=args.batch_size, token_mode=args.token_mode, options=opts,
+                                plots=not args.no_plots, progress=bars,
+                                extra_manifest={"revision": args.revision, "versions": _versions()})
     except (ValueError, FileNotFoundError) as e:
         return _fail("profile", e)
     d = out["result"].descriptors["model"]
@@ -132,6 +113,18 @@ def profile(argv: list[str]) -> int:
     return 0
 
 
-from .run import ablate, layers, run, transfer, tune, versions as _versions  # noqa: E402
+from .run import (  # noqa: E402
+    _progress_flags,
+    ablate,
+    add_fsp_options,
+    contexts,
+    fsp_options,
+    layers,
+    progress_mode,
+    run,
+    transfer,
+    tune,
+    versions as _versions,
+)
 
 __all__ = ["prompts", "profile", "layers", "tune", "ablate", "transfer", "run"]

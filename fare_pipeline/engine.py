@@ -255,7 +255,9 @@ class Engine:
 
     def _iter(self, desc):
         if not self.progress:
-            return enumerate(self.batches)
+            from .work import Heartbeat
+
+            return enumerate(Heartbeat.track(self.batches, desc))  # progress lines without a terminal
         from tqdm.auto import tqdm
 
         return enumerate(tqdm(self.batches, desc=desc, unit="batch", leave=False))

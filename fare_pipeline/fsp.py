@@ -117,6 +117,20 @@ def _np(x, name: str) -> np.ndarray:
     return arr
 
 
+def check_finite_phi(phi: np.ndarray, options: FSPOptions) -> None:
+    """Refuse a computed phi with NaN or infinite entries (its results would look real and mean nothing)."""
+    from fare_core.errors import FareError
+
+    bad = ~np.isfinite(phi)
+    if bad.any():
+        l, e = (int(i) for i in np.argwhere(bad)[0])
+        hint = (f"pmi_smoothing={options.pmi_smoothing:g} gives log2(0) = -inf for an expert a group never selects; "
+                "use a smoothing > 0" if options.weights.get("pmi", 0) and options.pmi_smoothing == 0
+                else "check the routing aggregates and FSP options")
+        raise FareError(f"FSP: phi has {int(bad.sum())} non-finite values (first: layer row {l}, expert {e} = "
+                        f"{phi[l, e]}); allowed: finite values only - {hint}")
+
+
 def minmax(values: np.ndarray, valid: np.ndarray | None = None, constant_fill: float = 0.0) -> np.ndarray:
     """Min-max normalise each row (layer) over its valid entries (experts) to [0, 1]."""
     values = np.asarray(values, dtype=np.float64)
@@ -359,6 +373,7 @@ def compute_fsp(
         metrics[name], metrics[f"{name}_hat"] = m, np.where(valid, hat, 0.0)
         phi += float(opt.weights.get(name, 0.0)) * metrics[f"{name}_hat"]
     phi = np.where(valid, phi, 0.0)
+    check_finite_phi(phi, opt)
 
     src = {"all": list(range(G)), "neutral": [ni], "demographic": demo}[opt.frequency_source]
     freq = np.where(valid, _normalise_dist(np.where(valid, c[:, :, src].sum(axis=2), 0.0)), 0.0)

@@ -134,12 +134,15 @@ def record_routing(
 
     device = next(model.parameters()).device
     rec = Recorder(model, groups=list(groups))
-    todo = batches()
+    total = _n_batches(len(source), window, batch_size) if hasattr(source, "__len__") else None
     if progress:
         from tqdm.auto import tqdm
 
-        total = _n_batches(len(source), window, batch_size) if hasattr(source, "__len__") else None
-        todo = tqdm(todo, desc="routing", unit="batch", total=total)
+        todo = tqdm(batches(), desc="routing", unit="batch", total=total)
+    else:
+        from .work import Heartbeat
+
+        todo = Heartbeat.track(batches(), "routing", total)  # progress lines without a terminal
     with rec, torch.inference_mode():
         for ps in todo:
             batch = [encode(p) for p in ps]
@@ -160,9 +163,13 @@ def record_routing(
 # --------------------------------------------------------------------------- `fare profile`
 
 
-def load_model(spec: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer, model_id) for a hub id, local path or ``fare-tiny[:type]``."""
+def load_model(spec: str, *, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+               progress: bool = True):
+    """(model, tokenizer, model_id) for a hub id, local path or ``fare-tiny[:type]``.
+
+    ``progress=False`` turns off transformers' weight-loading bar (it garbles log files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from fare_core.tiny import resolve_pretrained
 
@@ -172,7 +179,14 @@ def load_model(spec: str, *, revision: str | None = None, device: str = "auto", 
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(dtypes)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtypes[dtype]).to(device).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtypes[dtype]).to(device).eval()
+    finally:
+        if bars and not progress:
+            hf_logging.enable_progress_bar()
     tok = AutoTokenizer.from_pretrained(spec, revision=revision)
     return model, tok, model_id
 

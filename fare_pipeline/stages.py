@@ -1,11 +1,12 @@
 """Pipeline stages after profiling: AALS (Eq. 5), lambda* (Eq. 7), test-split evaluation and
 ablations (SPEC sections 4, 6, 7, 9). Each stage writes plain files into one folder.
 
-Stages run through :func:`stage`: files are written into a temporary sibling folder that replaces
-the stage folder in one rename (atomic), together with ``stage.json`` holding the stage *key* (every
-input that determines its numbers, upstream keys included). A later run with the same key and all
-files present skips the stage (resume). Number files never hold timings (they go to the run's
-``timings.json``), so equal seeds give byte-identical numbers.
+Stages run through :func:`stage`: files are written into a temporary sibling folder
+(``.STAGE.tmp-PID``) that replaces the stage folder in one rename (atomic), together with
+``stage.json`` holding the stage *key* (every input that determines its numbers, upstream keys
+included). A later run with the same key and all files present skips the stage (resume), and
+removes the temporary folders that killed (dead) processes left behind. Number files never hold
+timings (they go to the run's ``timings.json``), so equal seeds give byte-identical numbers.
 
 Scoring calls the model directly through :class:`fare_pipeline.engine.Engine` with the lm-eval
 formulation of ``fare_crows_pairs`` / ``fare_truthfulqa`` / ``fare_perplexity`` (see
@@ -14,11 +15,14 @@ formulation of ``fare_crows_pairs`` / ``fare_truthfulqa`` / ``fare_perplexity`` 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ from .aals import (
 from .engine import Engine, make_arr, make_mask, mc_correct, pair_prefers, perplexity
 from .evalsets import build_evalset
 from .tables import write_table
+from .work import Heartbeat
 
 # --------------------------------------------------------------------------- stage machinery
 
@@ -78,12 +83,92 @@ def stage_done(folder: Path, key: dict) -> dict | None:
     return doc["result"]
 
 
-def stage(folder, key: dict, fn: Callable[[Path], dict], *, resume: bool = True, log=print) -> dict:
-    """Run ``fn(tmp_folder) -> result`` atomically into ``folder`` unless a finished stage with the same key exists."""
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>[0-9]+)$")  # a stage's temp / replaced folder
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (signal 0; another user's process counts, a zombie does not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:  # a killed child its parent has not reaped yet is a zombie ("Z"): dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temps(folder: Path, log=None) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of ``folder`` whose process is dead.
+
+    A ``kill -9`` during a stage leaves them; a live process's (another run writing now) are kept.
+    """
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "stage.json").is_file())):
-        raise ValueError(f"output folder {str(folder)!r} exists and is not a fare stage folder (no stage.json); "
-                         "choose a new or empty folder")
+    removed = []
+    for p in sorted(folder.parent.glob(f".{glob.escape(folder.name)}.*-*")):
+        m = _TEMP.match(p.name)
+        if m and m["name"] == folder.name and p.is_dir() and not pid_alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            if log is not None:
+                log(f"[{folder.name}] removed {p.name} left by process {m['pid']}, which no longer runs")
+    return removed
+
+
+def check_stage_folder(folder: Path) -> None:
+    """Refuse (one line) an output path that is a file, or a non-empty folder that is not a stage folder."""
+    from fare_core.errors import FareError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FareError(f"output {str(folder)!r} is a file; allowed: a new or empty folder, or an earlier output folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "stage.json").is_file():
+        raise FareError(f"output folder {str(folder)!r} exists and is not a fare stage folder (no stage.json); "
+                        "choose a new or empty folder")
+
+
+def check_run_folder(out: Path, stages: Sequence[str]) -> None:
+    """Before any compute: ``out`` must be new, empty, or an earlier ``fare run`` folder.
+
+    An earlier run folder holds a stage folder (with ``stage.json``) or ``timings.json``; temporary
+    folders of a killed run do not count as content. Every stage folder already there must be one.
+    """
+    from fare_core.errors import FareError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FareError(f"--out {str(out)!r} is a file; allowed: a new or empty folder, or an earlier `fare run` folder")
+    if not out.is_dir():
+        return
+    entries = [p for p in out.iterdir() if not _TEMP.match(p.name)]
+    ours = [p for p in entries if p.name in ("timings.json", "work.json")
+            or (p.name in stages and (p / "stage.json").is_file())]
+    if entries and not ours:
+        raise FareError(f"--out {str(out)!r} is a non-empty folder that no `fare run` wrote (no stage folders, "
+                        "no timings.json); choose a new or empty folder")
+    for name in stages:
+        check_stage_folder(out / name)
+
+
+def stage(folder, key: dict, fn: Callable[[Path], dict], *, resume: bool = True, log=print,
+          heartbeat: float | None = None, status: Callable[[], str] | None = None) -> dict:
+    """Run ``fn(tmp_folder) -> result`` atomically into ``folder`` unless a finished stage with the same key exists.
+
+    Logs ``[name] started`` / ``[name] done in X s``; ``heartbeat`` (seconds, None = off) adds a
+    ``[name] running ...`` line at that interval (:class:`fare_pipeline.work.Heartbeat`, with
+    ``status()`` appended), for output that is not a terminal.
+    """
+    folder = Path(folder)
+    check_stage_folder(folder)
+    if folder.parent.is_dir():
+        remove_stale_temps(folder, log)
     if resume:
         done = stage_done(folder, key)
         if done is not None:
@@ -93,8 +178,11 @@ def stage(folder, key: dict, fn: Callable[[Path], dict], *, resume: bool = True,
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    t0 = time.perf_counter()
+    log(f"[{folder.name}] started")
     try:
-        result = fn(tmp)
+        with Heartbeat(folder.name, log, heartbeat or 0.0, status):
+            result = fn(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / "stage.json", {"stage": folder.name, "key": key, "key_hash": key_hash(key),
                                         "files": files, "result": result})
@@ -105,6 +193,7 @@ def stage(folder, key: dict, fn: Callable[[Path], dict], *, resume: bool = True,
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[{folder.name}] done in {time.perf_counter() - t0:.1f} s")
     return json.loads((folder / "stage.json").read_text())["result"]
 
 
@@ -123,7 +212,7 @@ class Sizes:
     tqa: int | None = None
     bold: int = 200
     stereo_completion: int | None = None
-    stereoset: int = 200
+    stereoset: int = 1218  # the paper's StereoSet generation size (section 5.4)
     max_new_tokens: int = 32
     n_permutations: int = 10_000
     n_bootstrap: int = 1_000
@@ -157,6 +246,7 @@ class Ctx:
     arr_target: str = "logits"
     progress: bool = False
     log: Callable = print
+    heartbeat: float | None = None  # seconds between progress lines when progress bars are off
     _engines: dict = field(default_factory=dict)
 
     def key(self) -> dict:
@@ -187,13 +277,31 @@ class Ctx:
 
 
 def load_phi(ctx: Ctx, profile_path, strict_model: bool = True):
-    """Profile file -> (phi [L, E] float32, profile layer ids); rejects a profile of another model."""
+    """Profile file -> (phi [L, E] float32, profile layer ids); rejects a profile of another model or with NaN/inf."""
     from fare_models.profile import check_profile, load_profile
     from fare_models.surgery import RoutingController
 
-    prof = load_profile(profile_path)
+    prof = load_profile(profile_path)  # refuses NaN / inf phi
     check_profile(prof, RoutingController.of(ctx.model), ctx.model_id, strict_model=strict_model)
     return prof.phi.float(), list(prof.layers)
+
+
+def intervention_lambda(lambda_star: float | None, control_lambda: float) -> float:
+    """The one lambda of every table that applies FARE at the operating point (Tables 3, 6, 7, 8).
+
+    lambda* whenever the grid had a feasible point, lambda* = 0 (no intervention) included; only
+    an infeasible lambda* (None) falls back to ``control_lambda``, and :func:`lambda_label` says so.
+    """
+    return float(lambda_star) if lambda_star is not None else float(control_lambda)
+
+
+def lambda_label(lam: float, lambda_star: float | None) -> str:
+    """How a table title states its lambda: ``lambda*=0.5``, ``lambda*=0 = no intervention``, or
+    ``lambda=1 (not lambda*=0.5)`` / ``lambda=1 (no feasible lambda*)`` for another lambda."""
+    if lambda_star is not None and float(lam) == float(lambda_star):
+        return f"lambda*={lam:g}" + (" = no intervention" if lam == 0 else "")
+    other = f"not lambda*={lambda_star:g}" if lambda_star is not None else "no feasible lambda*"
+    return f"lambda={lam:g} ({other})"
 
 
 def _metrics(ev, ll: np.ndarray) -> dict:
@@ -322,8 +430,11 @@ def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_se
            "crows_lm_base": m["base"]["pref_length_matched"], "crows_lm_fare": fare["pref_length_matched"],
            "ppl_base": m["base"]["ppl"], "ppl_fare": fare["ppl"],
            "n_pairs": len(ev.crows_ids), "n_length_matched": int(ev.crows_length_matched.sum()), "n_tqa": len(ev.tqa_ids)}
+    at = f"ARR at {lambda_label(lambda_star, lambda_star)}" if lambda_star is not None else \
+        "no feasible lambda*: baseline only"
     write_table([row], out / "table6_main", digits=3,
-                title="Table 6: FARE at lambda* (test split; p = paired permutation, p_bh = Benjamini-Hochberg)")
+                title=f"Table 6: FARE, {at} on layers {list(selected)} "
+                      "(test split; p = paired permutation, p_bh = Benjamini-Hochberg)")
     write_json(out / "test_split.json", {**ev.info, "crows_pair_ids": ev.crows_ids, "tqa_ids": ev.tqa_ids})
     fare_summary = _summ(m["fare"]) if "fare" in m else None
     write_json(out / "results.json", {"base": _summ(m["base"]), "fare": fare_summary, "tests": tests, "row": row})
@@ -343,8 +454,9 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
                stability: float = 0.6) -> dict:
     """Tables 2, 3, 4, 5 and 8 on the test split.
 
-    Table 4/5 controls use ARR at ``control_lambda`` (the paper: 1.0); Table 8 baselines use lambda*
-    (``control_lambda`` when lambda* is infeasible or 0). SES (SAFEx-style) ranks experts by ARD in
+    Table 4/5 controls use ARR at ``control_lambda`` (the paper: 1.0); Tables 3 and 8 use lambda*
+    (:func:`intervention_lambda`: ``control_lambda`` only when lambda* is infeasible), as Table 6
+    does; every title states its lambda (:func:`lambda_label`). SES (SAFEx-style) ranks experts by ARD in
     ``n_shards`` seeded shards of the validation prompts and keeps those in the shard top-n in at least
     ``stability`` of the shards; random experts and masks are averaged over ``n_random`` seeds. n is
     ``Sizes.baseline_n`` / ``Sizes.mask_n`` per selected layer, clamped so every layer keeps top_k experts.
@@ -361,7 +473,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     sizes = ctx.sizes
     eng, ev = ctx.engine("test", prompt_set, tqa=True)
     start = min(selected)
-    lam_b = lambda_star if lambda_star else control_lambda  # lambda* None (infeasible) or 0 -> control lambda
+    lam_b = intervention_lambda(lambda_star, control_lambda)  # the lambda of Table 6 (control only if infeasible)
     arr = lambda p, lam: make_arr(ctx.model, p.float(), lam, selected, profile_layers, ctx.arr_target)
     configs = [("base", None, None)]
     suite = C.control_suite(phi, profile_layers, selected, random_seeds=list(range(n_random)))
@@ -411,13 +523,14 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
                    "crows": float(np.mean([m[k]["pref"] for k in keys])), "tqa": float(np.mean([m[k]["tqa"] for k in keys])),
                    "ppl": float(np.mean([m[k]["ppl"] for k in keys]))})
     write_table(t4, out / "table4_synthetic_ablation", digits=3,
-                title=f"Table 4: synthetic ablation (lambda={control_lambda:g}); deltas in %p vs base "
-                      f"(CrowS {b['pref']:.3f} / TQA {b['tqa']:.3f})")
+                title=f"Table 4: synthetic ablation, ARR at the control {lambda_label(control_lambda, lambda_star)}; "
+                      f"deltas in %p vs base (CrowS {b['pref']:.3f} / TQA {b['tqa']:.3f})")
     pick = lambda label: next((r["delta_crows_pp"] for r in t4 if r["condition"].startswith(label)), None)
     t5 = [{"model": ctx.model_id, "experts_per_layer": E, "fsp": pick("alpha=1"), "top_5": pick("Top-5 "),
            "top_50": pick("Top-50 "), "top_100": pick("Top-100 "), "random": pick("Random"), "inverted": pick("Inverted")}]
     write_table(t5, out / "table5_cross_architecture", digits=2,
-                title="Table 5: synthetic ablation, delta CrowS in %p (one row per model; concatenate across runs)")
+                title=f"Table 5: synthetic ablation at the control {lambda_label(control_lambda, lambda_star)}, "
+                      "delta CrowS in %p (one row per model; concatenate across runs)")
 
     # Table 8 (expert identification at lambda*)
     tests = []
@@ -445,8 +558,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     t8.append({"method": "Prompt debiasing", "crows": float(deb_items.mean()), "tqa": None, "ppl": None, "n_experts": 0})
     tests = bh_family(tests)
     write_table(t8, out / "table8_expert_identification", digits=3,
-                title=f"Table 8: expert identification, ARR at lambda={lam_b:g}"
-                      + ("" if lambda_star else f" (lambda*={lambda_star}: control lambda used)"))
+                title=f"Table 8: expert identification, ARR at {lambda_label(lam_b, lambda_star)}")
     write_table(tests, out / "table8_tests", digits=4, title="Table 8 paired tests vs base (BH over the family)")
 
     # Table 2 (group masking)
@@ -457,7 +569,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
                    "delta_crows_pp": float(np.mean([d(k, "pref") for k in keys])),
                    "tqa": float(np.mean([m[k]["tqa"] for k in keys])), "crows": float(np.mean([m[k]["pref"] for k in keys]))})
     write_table(t2, out / "table2_group_masking", digits=3,
-                title=f"Table 2: group-level expert masking over layers {list(selected)} (deltas in %p)")
+                title=f"Table 2: group-level expert masking over layers {list(selected)} (no ARR; deltas in %p)")
     write_json(out / "selections.json", {"ses": ses, "random_experts": rand_sets, "masking": ms, "n_mask": n_mask,
                                          "n_baseline": nb, "lambda_baselines": lam_b, "control_lambda": control_lambda,
                                          "debias_context": deb_ctx})
@@ -469,5 +581,6 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
         t3.append({"model": ctx.model_id, "slots": dm["n_slots"], "gini": dm["gini"], "top10_share": dm["top_share"],
                    "rho_phi_f": dm["spearman_phi_f"], "delta_crows_pp": d("fsp@star", "pref"), "regime": ""})
         write_table(t3, out / "table3_architecture", digits=3,
-                    title=f"Table 3: routing descriptors (profiling split) and delta CrowS of FARE (ARR at lambda={lam_b:g})")
+                    title=f"Table 3: routing descriptors (profiling split) and delta CrowS of FARE "
+                          f"(ARR at {lambda_label(lam_b, lambda_star)})")
     return {"table4": t4, "table8": t8, "table2": t2}

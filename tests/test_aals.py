@@ -94,3 +94,47 @@ def test_outputs_written(tmp_path):
 
     assert json.loads((tmp_path / "lambda_star.json").read_text())["lambda_star"] is None
     assert (tmp_path / "lambda_grid.csv").read_text().splitlines()[0] == "lambda,pref,ppl,gap,in_range,feasible,selected"
+
+
+def test_fallback_is_stated_in_aals_md_and_png(tmp_path):
+    from fare_pipeline.aals import write_aals
+
+    # every R(l) equal (0): nothing exceeds the 75th percentile, min_layers=1 takes the first top-R layer
+    r = aals_select([0, 1, 2, 3], [0.0, 0.0, 0.0, 0.0], [0.2, 0.1, 0.3, 0.4])
+    assert r.fallback and r.selected == [0] and r.threshold == 0.0
+    write_aals(r, tmp_path / "fb", plot=True)
+    title = (tmp_path / "fb" / "aals.md").read_text().splitlines()[0]
+    assert "fallback: no layer's R exceeded the q0.75 threshold, so the top-1 R layer(s) [0] were taken" in title
+    assert (tmp_path / "fb" / "aals.png").read_bytes().startswith(b"\x89PNG")
+    # a regular selection has no such note
+    ok = aals_select([0, 1, 2, 3], [0.02, 0.04, 0.01, 0.03], [0.5, -1.0, 0.1, 0.25])
+    write_aals(ok, tmp_path / "ok", plot=False)
+    assert not ok.fallback and "fallback" not in (tmp_path / "ok" / "aals.md").read_text()
+
+
+def test_report_header_states_lambda_and_fallback():
+    from fare_pipeline.run import report_header
+
+    m = {"lambda_star": 0.5, "selected_layers": [2], "control_lambda": 1.0, "tune_reason": "r", "aals_fallback": False,
+         "aals_quantile": 0.75, "aals_threshold": 0.1}
+    assert report_header(m) == ["Operating point: ARR at lambda\\* = 0.5 on AALS layers [2]; Tables 3, 6, 7 and 8 "
+                                "use it. Tables 4 and 5 use the control lambda = 1 (stated in their titles); Table 2 "
+                                "masks experts (no ARR)."]
+    zero = report_header({**m, "lambda_star": 0.0, "aals_fallback": True})
+    assert zero[0].startswith("**lambda\\* = 0: the operating point is no intervention.**")
+    assert "Tables 3, 6, 7 and 8 compare the unmodified model with itself" in zero[0]
+    assert zero[1].startswith("**AALS fallback:** no layer's R(l) exceeded the q0.75 threshold (0.1)")
+    none = report_header({**m, "lambda_star": None, "tune_reason": "no grid point meets PPL"})
+    assert none[0].startswith("**No feasible lambda\\*:** no grid point meets PPL. Table 6 reports the baseline only; "
+                              "Tables 3, 7 and 8 use the control lambda = 1 instead")
+
+
+def test_one_lambda_for_every_operating_point_table():
+    from fare_pipeline.stages import intervention_lambda, lambda_label
+
+    assert intervention_lambda(0.0, 1.0) == 0.0  # lambda* = 0 stays 0 (no silent switch to the control lambda)
+    assert intervention_lambda(0.5, 1.0) == 0.5 and intervention_lambda(None, 1.0) == 1.0
+    assert lambda_label(0.5, 0.5) == "lambda*=0.5"
+    assert lambda_label(0.0, 0.0) == "lambda*=0 = no intervention"
+    assert lambda_label(1.0, 0.5) == "lambda=1 (not lambda*=0.5)"
+    assert lambda_label(1.0, None) == "lambda=1 (no feasible lambda*)"

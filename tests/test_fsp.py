@@ -228,3 +228,19 @@ def test_write_outputs_deterministic(tmp_path, sim):
     doc = json.loads(paths_a[2].read_text())
     assert doc["options"]["weights"] == {"ard": 1.0, "jsd": 0.5, "pmi": 0.3, "ent": 0.0}
     assert [d["layer"] for d in doc["descriptors"]["layers"]] == [1, 2, 3]
+
+
+def test_non_finite_phi_is_refused():
+    from fare_core.errors import FareError
+
+    # pmi_smoothing=0 and an expert (3) that no demographic group selects: log2(0) = -inf -> NaN after min-max
+    counts = np.zeros((1, 4, 3))
+    counts[0, :, 0] = [5, 5, 5, 5]
+    counts[0, :, 1] = [10, 10, 0, 0]
+    counts[0, :, 2] = [10, 0, 10, 0]
+    tokens = np.full((1, 3), 10.0)
+    args = (counts, tokens, ["neutral", "a", "b"])
+    with np.errstate(all="ignore"), pytest.raises(FareError, match=r"FSP: phi has 4 non-finite values .*use a smoothing > 0"):
+        compute_fsp(*args, group_axes={"a": "x", "b": "x"}, options=FSPOptions(pmi_smoothing=0.0))
+    phi = compute_fsp(*args, group_axes={"a": "x", "b": "x"}).phi  # the default smoothing keeps it finite
+    assert torch.isfinite(phi).all()

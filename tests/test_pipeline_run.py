@@ -3,15 +3,19 @@ bad inputs of issue 4: profile of another model, empty prompt set, no feasible l
 
 import csv
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fare_models.cli import main
 
-SMALL = ["--quick", "--contexts-per-descriptor", "3", "--crows-val", "24", "--crows-test", "24", "--ppl-val", "12",
-         "--ppl-test", "12", "--tqa", "3", "--bold", "3", "--stereo-completion", "3", "--stereoset", "3",
-         "--max-new-tokens", "3", "--random-seeds", "2", "--permutations", "200", "--bootstrap", "100"]
+SMALL_VAL = ["--quick", "--contexts-per-descriptor", "3", "--crows-val", "24", "--ppl-val", "12"]  # fare layers / tune
+SMALL_GEN = ["--quick", "--bold", "3", "--stereo-completion", "3", "--stereoset", "3", "--max-new-tokens", "3",
+             "--permutations", "200", "--bootstrap", "100"]  # fare transfer
+SMALL = SMALL_VAL + SMALL_GEN[1:] + ["--crows-test", "24", "--ppl-test", "12", "--tqa", "3", "--random-seeds", "2"]
 REPORT = ["table5_1_routing_sensitivity", "table2_group_masking", "table3_architecture", "table4_synthetic_ablation",
           "table5_cross_architecture", "table6_main", "table7_generation_transfer", "table8_expert_identification",
           "table8_tests", "aals", "lambda_grid", "fsp_layers", "fsp_experts"]
@@ -72,6 +76,28 @@ def test_run_writes_every_table_and_reruns_byte_identical(two_runs, capsys):
     assert stages["total"]["token_layer_evals"] == sum(v["token_layer_evals"] for k, v in stages.items() if k != "total")
     # the AALS stage's own engine count (layers/work.json) is the hook count of that stage
     assert json.loads((a / "layers" / "work.json").read_text())["token_layer_evals"] == stages["layers"]["token_layer_evals"]
+    # one stated lambda (issue 12): report.md opens with the operating point; Tables 3, 6, 7, 8 use lambda* and say so
+    from fare_pipeline.fsp import FSPOptions
+    from fare_pipeline.stages import lambda_label
+
+    lam = man["lambda_star"]
+    assert man["lambda_used"] == (lam if lam is not None else 1.0) and man["control_lambda"] == 1.0
+    report = (rep / "report.md").read_text().splitlines()
+    assert report[0] == "# FARE report: fare-tiny:olmoe"
+    opening = {None: "**No feasible lambda\\*:**", 0.0: "**lambda\\* = 0: the operating point is no intervention.**"}
+    assert report[2].startswith(opening.get(lam, f"Operating point: ARR at lambda\\* = {lam:g} on AALS layers"))
+    title = lambda stem: (rep / f"{stem}.md").read_text().splitlines()[0]  # noqa: E731
+    for stem in ("table3_architecture", "table6_main", "table7_generation_transfer", "table8_expert_identification"):
+        assert f"ARR at {lambda_label(man['lambda_used'], lam)}" in title(stem), stem
+    for stem in ("table4_synthetic_ablation", "table5_cross_architecture"):
+        assert f"control {lambda_label(1.0, lam)}" in title(stem), stem
+    assert json.loads((a / "transfer" / "transfer.json").read_text())["lambda"] == man["lambda_used"]
+    assert json.loads((a / "ablate" / "selections.json").read_text())["lambda_baselines"] == man["lambda_used"]
+    aals = json.loads((a / "layers" / "aals.json").read_text())
+    assert man["aals_fallback"] == aals["fallback"] and ("**AALS fallback:**" in report[4]) == aals["fallback"]
+    # the FSP options are part of the profile stage key and of the manifest
+    key = json.loads((a / "profile" / "stage.json").read_text())["key"]
+    assert key["fsp"] == FSPOptions().to_dict() == man["fsp"]
     # resume: a rerun skips every finished stage and changes nothing
     capsys.readouterr()
     assert main(["run", "--model", "fare-tiny", "--out", str(a), *SMALL]) == 0
@@ -82,6 +108,7 @@ def test_run_writes_every_table_and_reruns_byte_identical(two_runs, capsys):
     assert main(["run", "--model", "fare-tiny", "--out", str(a), *SMALL, "--beta", "0.5"]) == 0
     err = capsys.readouterr().err
     assert "[layers] up to date" in err and "[tune] up to date" not in err and "[ablate] up to date" not in err
+    assert "[tune] started" in err and re.search(r"\[tune\] done in [0-9.]+ s", err)
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +131,12 @@ def test_profile_of_another_model_is_rejected(tiny_profile, tmp_path, capsys):
     for path, msg in ((other_type, "profile is for model_type 'qwen3_moe'"),
                       (other_id, "profile was computed for model 'someone/olmoe-7b', not 'fare-tiny:olmoe'")):
         capsys.readouterr()
-        assert main(["layers", "--model", "fare-tiny", "--profile", str(path), "--out", str(tmp_path / "l"), *SMALL]) == 2
+        assert main(["layers", "--model", "fare-tiny", "--profile", str(path), "--out", str(tmp_path / "l"), *SMALL_VAL]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "l").exists()
     # the profile of this model works, and a rerun with the same inputs resumes
     for _ in range(2):
-        assert main(["layers", "--model", "fare-tiny", "--profile", str(tiny_profile), "--out", str(tmp_path / "l"), *SMALL]) == 0
+        assert main(["layers", "--model", "fare-tiny", "--profile", str(tiny_profile), "--out", str(tmp_path / "l"), *SMALL_VAL]) == 0
     assert "[l] up to date" in capsys.readouterr().err
     aals = json.loads((tmp_path / "l" / "aals.json").read_text())
     assert aals["layers"] == [0, 1, 2, 3] and aals["selected"] and (tmp_path / "l" / "aals.png").is_file()
@@ -128,7 +155,7 @@ def test_empty_prompt_set_and_unknown_axis(tmp_path, capsys):
 def test_no_feasible_lambda_is_reported_not_raised(tiny_profile, tmp_path, capsys):
     out = tmp_path / "t"
     args = ["tune", "--model", "fare-tiny", "--profile", str(tiny_profile), "--select", "1", "--grid", "50,100",
-            "--beta", "0", "--out", str(out), *SMALL]
+            "--beta", "0", "--out", str(out), *SMALL_VAL]
     assert main(args) == 0
     assert "no feasible lambda" in capsys.readouterr().err
     op = json.loads((out / "lambda_star.json").read_text())
@@ -138,7 +165,7 @@ def test_no_feasible_lambda_is_reported_not_raised(tiny_profile, tmp_path, capsy
     assert all(float(r["ppl"]) > op["budget"] and r["feasible"] == "False" for r in rows)
     # downstream stages run without lambda*: Table 6 reports the baseline only, no crash
     assert main(["transfer", "--model", "fare-tiny", "--profile", str(tiny_profile), "--select", "1", "--tune", str(out),
-                 "--protocols", "stereo_completion", "--out", str(tmp_path / "x"), *SMALL]) == 0
+                 "--protocols", "stereo_completion", "--out", str(tmp_path / "x"), *SMALL_GEN]) == 0
     assert (tmp_path / "x" / "table7_generation_transfer.csv").is_file()
     from fare_models.profile import load_profile
     from fare_pipeline.profiling import load_model
@@ -162,7 +189,83 @@ def test_bad_cli_values(tiny_profile, tmp_path, capsys):
     assert "'x,1': expected comma-separated numbers" in capsys.readouterr().err
     assert main(["transfer", "--model", "fare-tiny", "--profile", str(tiny_profile), "--select", "1", "--lam", "1",
                  "--protocols", "bold,poems", "--out", str(tmp_path / "x")]) == 2
-    assert "allowed: a comma-separated subset of bold, stereo_completion, stereoset" in capsys.readouterr().err
+    from fare_pipeline.transfer import PROTOCOLS
+
+    assert f"allowed: a comma-separated subset of {', '.join(PROTOCOLS)}" in capsys.readouterr().err
     assert main(["tune", "--model", "fare-tiny", "--profile", str(tiny_profile), "--select", "7", "--out",
-                 str(tmp_path / "t"), *SMALL]) == 2
+                 str(tmp_path / "t"), *SMALL_VAL]) == 2
     assert "layer 7 is not an MoE layer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lambda_star_zero_is_used_by_every_table(tiny_profile, tmp_path, capsys):
+    """lambda* = 0 (no intervention): Tables 3, 6, 7 and 8 stay at lambda = 0 (equal to the base model) and say so;
+    only the Table 4/5 controls use the control lambda, labelled as such."""
+    from fare_models.profile import load_profile
+    from fare_pipeline.profiling import load_model
+    from fare_pipeline.prompts import build_prompt_set
+    from fare_pipeline.stages import Ctx, Sizes, run_ablate, run_evaluate
+
+    model, tok, mid = load_model("fare-tiny")
+    ctx = Ctx(model, tok, mid, "olmoe", sizes=Sizes(crows_test=8, ppl_test=4, tqa=2, mask_n=1, baseline_n=1,
+                                                    n_permutations=100, n_bootstrap=50), log=lambda m: None)
+    prof = load_profile(tiny_profile)
+    ps = build_prompt_set(contexts_per_descriptor=2)
+    desc = json.loads((tiny_profile.parent / "fsp_descriptors.json").read_text())["descriptors"]
+    for d in ("e", "a"):
+        (tmp_path / d).mkdir()
+    run_evaluate(ctx, prof.phi, prof.layers, [1], 0.0, ps, tmp_path / "e")
+    run_ablate(ctx, prof.phi, prof.layers, [1], 0.0, ps, desc, tmp_path / "a", n_random=1)
+    title = lambda path: path.read_text().splitlines()[0]  # noqa: E731
+    t6 = _rows(tmp_path / "e" / "table6_main.csv")[0]
+    assert "ARR at lambda*=0 = no intervention" in title(tmp_path / "e" / "table6_main.md")
+    assert t6["crows_fare"] == t6["crows_base"] and t6["ppl_fare"] == t6["ppl_base"]
+    t8 = {r["method"]: r for r in _rows(tmp_path / "a" / "table8_expert_identification.csv")}
+    assert "ARR at lambda*=0 = no intervention" in title(tmp_path / "a" / "table8_expert_identification.md")
+    for method in ("FARE FSP", "SAFEx SES", "Random experts (1x avg)"):
+        assert (t8[method]["crows"], t8[method]["ppl"]) == (t8["Baseline"]["crows"], t8["Baseline"]["ppl"]), method
+    assert float(_rows(tmp_path / "a" / "table3_architecture.csv")[0]["delta_crows_pp"]) == 0.0
+    assert "ARR at lambda*=0 = no intervention" in title(tmp_path / "a" / "table3_architecture.md")
+    assert "ARR at the control lambda=1 (not lambda*=0)" in title(tmp_path / "a" / "table4_synthetic_ablation.md")
+    assert json.loads((tmp_path / "a" / "selections.json").read_text())["lambda_baselines"] == 0.0
+    # Table 7 through the stage command: lambda 0 generates exactly the baseline's text
+    assert main(["transfer", "--model", "fare-tiny", "--profile", str(tiny_profile), "--select", "1", "--lam", "0",
+                 "--protocols", "stereo_completion", "--out", str(tmp_path / "x"), *SMALL_GEN]) == 0
+    t7 = _rows(tmp_path / "x" / "table7_generation_transfer.csv")[0]
+    assert t7["changed_generations"] == "0" and t7["mean_a"] == t7["mean_b"]
+    assert "ARR at lambda*=0 = no intervention" in title(tmp_path / "x" / "table7_generation_transfer.md")
+    assert json.loads((tmp_path / "x" / "transfer.json").read_text())["lambda"] == 0.0
+
+
+@pytest.mark.slow
+def test_progress_lines_when_output_is_a_pipe(tiny_profile, tmp_path):
+    """Output to a pipe (CI, nohup, log files): stage start/finish lines with elapsed time and progress lines."""
+    cmd = [sys.executable, "-m", "fare_models.cli", "layers", "--model", "fare-tiny", "--profile", str(tiny_profile),
+           "--out", str(tmp_path / "l"), "--quick", "--contexts-per-descriptor", "1", "--crows-val", "6", "--ppl-val", "3",
+           "--progress-interval", "0.2"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "loading model fare-tiny ..." and re.fullmatch(r"loaded fare-tiny:olmoe in [0-9.]+ s", lines[1])
+    assert "[l] started" in lines and re.search(r"^\[l\] done in [0-9.]+ s$", r.stderr, re.M)
+    beats = [x for x in lines if x.startswith("[l] running ")]
+    assert beats and any(re.search(r"AALS probes \d+/\d+ batches", x) for x in beats)
+    assert "Traceback" not in r.stderr and "\r" not in r.stderr  # no progress bars in a pipe
+    assert "AALS selected layers" in r.stdout
+
+
+def test_non_finite_profile_is_refused(tiny_profile, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_profile), framework="pt") as f:
+        meta, phi = f.metadata(), f.get_tensor("phi")
+    for bad in (float("nan"), float("inf")):
+        phi[1, 2] = bad
+        save_file({"phi": phi}, str(tmp_path / "bad.safetensors"), metadata=meta)
+        capsys.readouterr()
+        assert main(["layers", "--model", "fare-tiny", "--profile", str(tmp_path / "bad.safetensors"),
+                     "--out", str(tmp_path / "l"), *SMALL_VAL]) == 2
+        err = capsys.readouterr().err
+        assert "non-finite phi" in err and "Traceback" not in err
+        assert not (tmp_path / "l").exists()

@@ -107,3 +107,91 @@ def test_generation_under_arr_zero_is_the_baseline():
     one = [generate(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
     assert one == base  # left padding does not change greedy outputs
     assert np.all([isinstance(t, str) for t in base])
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from fare_pipeline.stages import pid_alive
+
+    dead = _dead_pid()
+    assert not pid_alive(dead)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(live.pid)
+        for name in (f".s.tmp-{dead}", f".s.old-{dead}", f".s.tmp-{live.pid}", f".other.tmp-{dead}"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "half.csv").write_text("x")  # what kill -9 leaves behind
+        lines = []
+        assert stage(tmp_path / "s", {"k": 1}, lambda d: {"n": 1}, log=lines.append) == {"n": 1}
+        left = sorted(p.name for p in tmp_path.iterdir())
+        # the dead process's folders of this stage are gone; a live process's and another stage's stay
+        assert left == [f".other.tmp-{dead}", f".s.tmp-{live.pid}", "s"]
+        assert f"[s] removed .s.tmp-{dead} left by process {dead}, which no longer runs" in lines
+        # a resumed (skipped) stage cleans up too
+        (tmp_path / f".s.tmp-{dead}").mkdir()
+        stage(tmp_path / "s", {"k": 1}, lambda d: {"n": 1}, log=lines.append)
+        assert not (tmp_path / f".s.tmp-{dead}").exists() and lines[-1].startswith("[s] up to date")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_stage_logs_start_done_and_heartbeat(tmp_path):
+    import time
+
+    from fare_pipeline.work import Heartbeat
+
+    lines = []
+
+    def slow(d):
+        for _ in Heartbeat.track(range(4), "probes"):
+            time.sleep(0.15)
+        return {}
+
+    stage(tmp_path / "s", {"k": 1}, slow, log=lines.append, heartbeat=0.1, status=lambda: "7 units so far")
+    assert lines[0] == "[s] started" and lines[-1].startswith("[s] done in ")
+    beats = [x for x in lines if x.startswith("[s] running ")]
+    assert len(beats) >= 3 and all(x.endswith(", 7 units so far") for x in beats)
+    assert any("probes 1/4 batches" in x or "probes 2/4 batches" in x for x in beats)
+    lines.clear()
+    stage(tmp_path / "t", {"k": 1}, slow, log=lines.append)  # heartbeat off: start and done only
+    assert len(lines) == 2
+
+
+def test_run_folder_check_before_compute(tmp_path):
+    from fare_core.errors import FareError
+    from fare_pipeline.stages import check_run_folder
+
+    names = ("prompts", "profile", "report")
+    check_run_folder(tmp_path / "new", names)  # missing: fine
+    (tmp_path / "empty").mkdir()
+    check_run_folder(tmp_path / "empty", names)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / ".prompts.tmp-99999999").mkdir()  # a first run killed in its first stage
+    check_run_folder(tmp_path / "killed", names)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep")
+    with pytest.raises(FareError, match="'.*mine' is a non-empty folder that no `fare run` wrote"):
+        check_run_folder(tmp_path / "mine", names)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FareError, match="is a file"):
+        check_run_folder(tmp_path / "f", names)
+    run = tmp_path / "run"
+    stage(run / "prompts", {"k": 1}, lambda d: {}, log=lambda m: None)
+    (run / "notes.txt").write_text("mine")  # a user's note inside a run folder is fine
+    check_run_folder(run, names)
+    (run / "profile").mkdir()
+    (run / "profile" / "data.bin").write_text("not ours")
+    with pytest.raises(FareError, match="profile' exists and is not a fare stage folder"):
+        check_run_folder(run, names)
