@@ -28,7 +28,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     m, s = divmod(seconds, 60)

@@ -26,6 +26,7 @@ Each model always gets its dense baseline cell. Errors are :class:`FareError` na
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -141,20 +142,25 @@ def _file_sha256(path) -> str:
 
 
 def calibration_data_hashes(calibration: dict) -> dict:
-    """sha256 of each calibration source: registered benchmark files by their pinned checksum, files by content."""
-    from fare_compression.calibration import GENERAL_SOURCES, SAFETY_SOURCES  # noqa: F401 (names only)
-    from fare_tasks.data import lookup
+    """sha256 of the records of each calibration source (general, safety), as fare_compression reads them."""
+    import inspect
 
-    out = {}
-    for role, default in (("general", "harmless"), ("safety", "refusal_pairs")):
-        source = calibration.get(role) or default
-        if source == "harmless":
-            out[role] = lookup("refusal_pairs", "harmless_val.json").sha256
-        elif source == "refusal_pairs":
-            out[role] = lookup("refusal_pairs", "adv_training_behaviors_safe_responses.csv").sha256
-        else:
-            out[role] = _file_sha256(source)
-    return out
+    from fare_compression.calibration import build_calibration
+
+    defaults = inspect.signature(build_calibration).parameters
+    return {role: _source_sha256(str(calibration.get(role) or defaults[role].default), role)
+            for role in ("general", "safety")}
+
+
+@functools.cache
+def _source_sha256(name: str, role: str) -> str:
+    from fare_compression.calibration import load_source
+
+    try:
+        records = load_source(name, role)
+    except ValueError as e:  # FareError, or fare_tasks' DataError (missing / corrupt data file)
+        _fail(f"calibration.{role}", str(e))
+    return _digest([asdict(r) for r in records])
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -404,8 +410,8 @@ def expand(source: dict, grid_dir: Path | None = None, path: Path | None = None,
 
     cells: list[Cell] = []
     for name, model_id, revision, res in models:
-        common = dict(model=name, model_id=model_id, revision=revision, eval=ev, device=device, dtype=dtype,
-                      resources=res, device_map=device_map)
+        common = {"model": name, "model_id": model_id, "revision": revision, "eval": ev, "device": device,
+                  "dtype": dtype, "resources": res, "device_map": device_map}
         cells.append(Cell(method=DENSE, params={}, p=None, calibration=None, **common))
         for method, method_points in points.items():
             calibrated = method in METHODS and METHODS[method].calibrated

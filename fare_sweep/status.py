@@ -6,8 +6,9 @@ import socket
 from pathlib import Path
 
 from fare_core.errors import FareError
+from fare_pipeline.stages import pid_alive
 
-from .cells import pid_alive, read_done
+from .cells import read_done
 from .index import INDEX, Index
 
 
