@@ -24,6 +24,7 @@ import ast
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -172,6 +173,8 @@ def study(template: Path, work: Path, n: int) -> tuple[Path, list[Path]]:
 
 
 def measure(base: Path, runs: list[Path], out: Path, opts: dict) -> dict:
+    for old in (out, out.with_name(f".{out.name}.partial")):  # no cached comparison from an earlier run
+        shutil.rmtree(old, ignore_errors=True)
     tracemalloc.start()
     t0 = time.perf_counter()
     paths = build_leaderboard(runs, [base], out, overwrite=True, log=lambda msg: None, **opts)
@@ -190,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=200, help="items per task of the template run")
     ap.add_argument("--runs", default="25,100", help="leaderboard sizes to measure")
     ap.add_argument("--permutations", type=int, default=1000)
-    ap.add_argument("--bootstrap", type=int, default=200)
-    ap.add_argument("--agg-permutations", type=int, default=100)
+    ap.add_argument("--bootstrap", type=int, default=100)
+    ap.add_argument("--agg-permutations", type=int, default=50)
     args = ap.parse_args(argv)
     sizes = sorted(int(x) for x in args.runs.split(","))
     template = args.template or template_run(args.work, args.limit)

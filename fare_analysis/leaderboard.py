@@ -217,7 +217,7 @@ def cache_key(e: Entry, opts: dict) -> str:
 
 
 def compute(entries: Sequence[Entry], *, seed: int, n_permutations: int, n_bootstrap: int, drift: bool,
-            n_agg_permutations: int | None = None, log: Callable[[str], None] = _progress,
+            n_agg_permutations: int | None = None, n_jobs: int = 1, log: Callable[[str], None] = _progress,
             cache_in: Sequence[Path] = (), cache_out: Path | None = None) -> list[dict]:
     """Compare (and drift-score) every run against its baseline, one at a time; returns all rows.
 
@@ -237,7 +237,7 @@ def compute(entries: Sequence[Entry], *, seed: int, n_permutations: int, n_boots
             done = json.loads(hit.read_text())
         else:
             rows, not_compared, warnings = _compare(e.baseline, e.run, seed=seed, n_permutations=n_permutations,
-                                                    n_bootstrap=n_bootstrap, **extra)
+                                                    n_bootstrap=n_bootstrap, n_jobs=n_jobs, **extra)
             scores = {}
             if drift:
                 scores, warns = _drift_scores(e.baseline, e.run, seed, n_bootstrap)
@@ -538,7 +538,8 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequence[str] | None = None,
                       seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS, n_bootstrap: int = DEFAULT_BOOTSTRAP,
-                      n_agg_permutations: int | None = None, drift: bool = True, overwrite: bool = False,
+                      n_agg_permutations: int | None = None, n_jobs: int = 1, drift: bool = True,
+                      overwrite: bool = False,
                       title: str = "fare leaderboard",
                       log: Callable[[str], None] = _progress) -> dict[str, Path]:
     """Build the leaderboard of ``runs`` against ``baselines`` (one per model) into ``out``.
@@ -552,7 +553,7 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
     tmp = _prepare_out(out, overwrite)
     try:
         long_rows = compute(entries, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                            drift=drift, n_agg_permutations=n_agg_permutations, log=log,
+                            drift=drift, n_agg_permutations=n_agg_permutations, n_jobs=n_jobs, log=log,
                             cache_in=[tmp / CACHE, out / CACHE], cache_out=tmp / CACHE)
         used = {f"{e.cache_key}.json" for e in entries}
         for stale in (tmp / CACHE).iterdir():  # keep only the entries of this table's runs
@@ -617,6 +618,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
     ap.add_argument("--agg-permutations", type=int, default=None,
                     help="label-swap permutations for aggregate metrics (default: fare compare's)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for the aggregate metrics of a comparison")
     ap.add_argument("--no-drift", action="store_true", help="skip the drift columns")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing leaderboard folder")
     ap.add_argument("--title", default="fare leaderboard")
@@ -624,7 +626,7 @@ def main(argv: list[str]) -> int:
     paths = build_leaderboard(args.runs, args.baseline, args.out,
                               metrics=[m for m in (args.metrics or "").split(",") if m] or None, seed=args.seed,
                               n_permutations=args.permutations, n_bootstrap=args.bootstrap,
-                              n_agg_permutations=args.agg_permutations, drift=not args.no_drift,
+                              n_agg_permutations=args.agg_permutations, n_jobs=args.jobs, drift=not args.no_drift,
                               overwrite=args.overwrite, title=args.title)
     print(f"leaderboard: {paths.get('index_html', args.out)} ({len(paths)} files)")
     return 0

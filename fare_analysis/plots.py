@@ -64,7 +64,7 @@ def delta_vs_p(points: Sequence[dict], metrics: Sequence[str], path) -> Path:
         if by_metric[metric]:
             ax.legend(fontsize=6)
         else:
-            ax.text(0.5, 0.5, "no run with a safety proportion p", ha="center", va="center",
+            ax.text(0.5, 0.5, "no Δ at any p for this metric", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8)
     fig.suptitle("Metric Δ vs safety-data proportion p (95% CI)")
     fig.tight_layout()
