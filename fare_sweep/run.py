@@ -24,7 +24,7 @@ EXECUTORS = ("local", "ray")
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FareError(f"--out {out}: is a file; pass a folder (new, or one a previous sweep wrote)")
-    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file() and not (out / LOCK).is_file():
         raise FareError(f"--out {out}: folder is not empty and holds no sweep ({INDEX}); pass a new folder "
                         "or the folder of the sweep to resume")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lm_eval
 import pytest
+import torch
 import yaml
 
 from fare_sweep.cells import TMP_PREFIX, WORKER_FILE
@@ -73,12 +74,16 @@ def kill_mid_cell(grid: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_resume_index_status_and_truth(tmp_path):
+    from fare_models.profile import save_profile
+
+    save_profile(tmp_path / "phi.safetensors", torch.rand(4, 8), list(range(4)), "fare-tiny:olmoe", "olmoe")
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump(GRID, sort_keys=False))
+    methods = {**GRID["methods"], "arr": {"profile": "phi.safetensors", "lam": [1.0]}}
+    grid.write_text(yaml.safe_dump({**GRID, "methods": methods}, sort_keys=False))
     out = tmp_path / "sweep"
 
     first = kill_mid_cell(grid, out)
-    assert first[0].startswith("[sweep] 6 cells: 0 already done, 6 to run")
+    assert first[0].startswith("[sweep] 7 cells: 0 already done, 7 to run")
     assert any(ln.startswith("[sweep] done   fare-tiny:olmoe dense in ") and "ETA" in ln for ln in first)
     cells = out / "cells"
     done_before = {p.name: tree_hashes(p) for p in cells.iterdir() if not p.name.startswith(TMP_PREFIX)}
@@ -87,43 +92,46 @@ def test_kill_resume_index_status_and_truth(tmp_path):
     assert states["fare-tiny:olmoe dense"]["status"] == "done"
     killed = states["fare-tiny:olmoe magnitude ratio=0.5"]
     assert (killed["status"], killed["note"]) == ("pending", "interrupted")
-    assert sum(s["status"] == "pending" for s in states.values()) == 5
+    assert sum(s["status"] == "pending" for s in states.values()) == 6
 
     log = []
     rc = run_sweep(grid, out, log=lambda *a, **k: log.append(" ".join(map(str, a))))
     assert rc == 1  # the mask on expert 99 fails; the other cells go on
-    assert log[0].startswith("[sweep] 6 cells: 1 already done, 5 to run")
-    assert sum(ln.startswith("[sweep] start") for ln in log) == 5 and any("ETA" in ln for ln in log)
+    assert log[0].startswith("[sweep] 7 cells: 1 already done, 6 to run")
+    assert sum(ln.startswith("[sweep] start") for ln in log) == 6 and any("ETA" in ln for ln in log)
 
     # finished cells untouched, every cell complete once, no temp folders anywhere
     for name, hashes in done_before.items():
         assert tree_hashes(cells / name) == hashes
     assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX) or ".tmp-" in p.name]
     states = cell_states(out)
-    assert [s["status"] for s in states] == ["done"] * 5 + ["failed"]
-    assert "99" in states[-1]["error"] and "\n" not in states[-1]["error"]
+    failed = states[5]
+    assert [s["status"] for s in states] == ["done"] * 5 + ["failed", "done"]
+    assert failed["label"] == "fare-tiny:olmoe mask mask=0:99"
+    assert "99" in failed["error"] and "\n" not in failed["error"]
     text = format_status(states)
-    assert "5 done, 0 running, 1 failed, 0 pending of 6 cells" in text and f"error: {states[-1]['error']}" in text
+    assert "6 done, 0 running, 1 failed, 0 pending of 7 cells" in text and f"error: {failed['error']}" in text
+    finished = [s for s in states if s["status"] == "done"]
 
     # the leaderboard: one row per finished cell, compressed cells against the dense baseline
     import csv
 
     with open(out / "leaderboard" / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
-    assert sorted(r["path"] for r in board) == sorted(str(cells / s["cell_id"]) for s in states[:5])
+    assert sorted(r["path"] for r in board) == sorted(str(cells / s["cell_id"]) for s in finished)
     assert [r["role"] for r in board].count("baseline") == 1 and (out / "leaderboard" / "index.html").is_file()
 
     # index: one row per cell, metrics exactly those of lm-eval's results files, no duplicates
     db = sqlite3.connect(out / "index.sqlite")
-    assert db.execute("SELECT count(*), count(DISTINCT cell_key) FROM cells").fetchone() == (6, 6)
-    for s in states[:5]:
+    assert db.execute("SELECT count(*), count(DISTINCT cell_key) FROM cells").fetchone() == (7, 7)
+    for s in finished:
         want = sorted(metric_rows(results_of(cells / s["cell_id"])))
         got = sorted(db.execute("SELECT task, metric, filter, value, stderr FROM metrics WHERE cell_id=?",
                                 (s["cell_id"],)).fetchall())
         assert got == want and len(got) > 5
         stages = dict(db.execute("SELECT stage, seconds FROM timings WHERE cell_id=?", (s["cell_id"],)).fetchall())
         assert set(stages) == {"compress", "evaluate", "total"} and stages["total"] >= stages["evaluate"] > 0
-    assert db.execute("SELECT count(*) FROM timings WHERE cell_id=?", (states[-1]["cell_id"],)).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM timings WHERE cell_id=?", (failed["cell_id"],)).fetchone() == (0,)
 
     # independent truth: the dense cell is lm-eval's own run of the model; the magnitude cell (saved
     # checkpoint, reloaded) equals fare_moe compressing on the fly
@@ -135,12 +143,15 @@ def test_kill_resume_index_status_and_truth(tmp_path):
     mag = results_of(by_label["fare-tiny:olmoe magnitude ratio=0.5"])["results"]
     assert mag == json.loads(json.dumps(fly["results"])) and mag != dense["results"]
     assert results_of(by_label["fare-tiny:olmoe mask mask=0:1"])["config"]["model_args"]["intervention"] == "mask"
+    arr_args = results_of(by_label["fare-tiny:olmoe arr lam=1.0 profile=phi.safetensors"])["config"]["model_args"]
+    assert (arr_args["intervention"], arr_args["lam"], arr_args["profile"]) == \
+        ("arr", 1.0, str((tmp_path / "phi.safetensors").resolve()))
 
     # a second sweep with another task set reuses the checkpoints (no recompression)
     ckpts = out / "checkpoints"
     before = {p.name: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
     g2 = tmp_path / "grid2.yaml"
-    g2.write_text(yaml.safe_dump({**GRID, "tasks": ["fare_crows_pairs"], "methods": {"wanda": {"ratio": [0.5]}}}))
+    g2.write_text(yaml.safe_dump({**GRID, "tasks": ["fare_crows_pairs_gender"], "methods": {"wanda": {"ratio": [0.5]}}}))
     log.clear()
     assert run_sweep(g2, tmp_path / "sweep2", cache=ckpts, leaderboard=False,
                      log=lambda *a, **k: log.append(" ".join(map(str, a)))) == 0
