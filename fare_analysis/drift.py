@@ -13,9 +13,10 @@ measures, per task (and per prompt category where the task has one):
   distance over whitespace tokens / the longer length, mean over prompts) and ``chrf`` (sacrebleu
   sentence chrF of the run's text against the base's, 0-100, mean over prompts);
 * log-likelihood multiple-choice tasks (BBQ, TruthfulQA, CrowS-Pairs, StereoSet): ``answer_flip``
-  = share of items whose chosen answer changed (argmax of the logged log-likelihoods; StereoSet by
-  the task's own candidate scores; CrowS: the preferred sentence) and ``gold_abs_dloglik`` = mean
-  |delta log-likelihood| of the gold choice; rolling/plain log-likelihood tasks: ``abs_dloglik``.
+  = share of items whose chosen answer changed (highest logged log-likelihood, an exact tie kept as
+  a tie; StereoSet by the task's own candidate scores; CrowS: the preferred sentence) and
+  ``gold_abs_dloglik`` = mean |delta log-likelihood| of the gold choice; rolling/plain
+  log-likelihood tasks: ``abs_dloglik``.
 
 Every value is a mean over paired items with a percentile bootstrap 95% CI (1,000 resamples).
 
@@ -126,14 +127,16 @@ def _loglikelihoods(filtered) -> list[float] | None:
         return None
 
 
-def choose(task: str, doc: dict, lls: list[float]) -> int:
-    """The answer the task scores: argmax of the log-likelihoods (first on ties, as lm-eval's acc);
-    StereoSet by its own candidate scores (per token or per byte: fare_tasks.stereoset.candidate_scores)."""
+def choose(task: str, doc: dict, lls: list[float]) -> tuple[int, ...]:
+    """The answer the task scores: the choice(s) with the highest log-likelihood (an exact tie keeps
+    every tied choice, so a tie is neither answer - CrowS counts a tie as no preference); StereoSet
+    by its own candidate scores (per token or per byte: fare_tasks.stereoset.candidate_scores)."""
     if task.startswith("fare_stereoset") and isinstance(doc, dict) and "sentences" in doc:
         from fare_tasks.stereoset import candidate_scores
 
         lls = candidate_scores(doc, [(ll, False) for ll in lls])
-    return int(np.argmax(lls))
+    scores = np.asarray(lls, dtype=np.float64)
+    return tuple(int(i) for i in np.flatnonzero(scores == scores.max()))
 
 
 def categories(task: str, doc) -> list[str]:

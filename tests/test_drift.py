@@ -106,10 +106,11 @@ def test_stereotype_completion_flips_both_directions(tmp_path):
 def test_stereoset_answer_is_the_tasks_own_candidate_score():
     doc = {"sentences": ["a much longer stereotype sentence", "anti", "unrelated"], "scoring": "per_byte"}
     lls = [-20.0, -6.0, -5.0]  # raw argmax: unrelated (2); per byte: -0.61, -1.5, -0.56 -> still 2
-    assert choose("fare_stereoset_intrasentence", doc, lls) == 2
+    assert choose("fare_stereoset_intrasentence", doc, lls) == (2,)
     lls = [-16.0, -6.0, -5.0]  # per byte -0.48 beats -0.56: the stereotype (0), raw argmax would say 2
-    assert choose("fare_stereoset_intrasentence", doc, lls) == 0
-    assert choose("fare_bbq_1k", {}, lls) == 2
+    assert choose("fare_stereoset_intrasentence", doc, lls) == (0,)
+    assert choose("fare_bbq_1k", {}, lls) == (2,)
+    assert choose("fare_crows_pairs", {}, [-3.0, -3.0]) == (0, 1)  # a tie is no preference
 
 
 def test_text_divergence_measures():
