@@ -113,6 +113,7 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str) -> dict:
     if done is not None:
         return done
     tmp = cells / tmp_name(cell.cell_id())
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own earlier attempt, if any
     tmp.mkdir(parents=True)
     try:
         worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -148,6 +149,19 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free the cell's model before the next cell in the same process (local executor, reused Ray workers)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 #: Temp folders: a cell's (``.tmp-<cell_id>-<host>-<pid>``) and fare_compression's (``.<name>.tmp-<pid>``,

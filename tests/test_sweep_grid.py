@@ -133,3 +133,25 @@ def test_cli_rejects_bad_grid_before_any_compute(tmp_path):
     assert "grid key 'safety_p'" in lines[0] and "-0.1" in lines[0]
     assert "needs Ray" in lines[1] and "fare-moe[sweep]" in lines[1]
     assert not out.exists()
+
+
+def test_out_folder_and_status_errors(tmp_path):
+    """Nothing is overwritten: a file or a non-sweep folder as --out is refused before anything is written."""
+    from fare_sweep.run import run_sweep
+    from fare_sweep.status import cell_states
+
+    g = tmp_path / "g.yaml"
+    g.write_text(yaml.safe_dump(grid()))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(FareError, match="is a file"):
+        run_sweep(g, tmp_path / "file")
+    with pytest.raises(FareError, match="not empty and holds no sweep"):
+        run_sweep(g, tmp_path / "other")
+    with pytest.raises(FareError, match="--executor 'slurm': allowed: local, ray"):
+        run_sweep(g, tmp_path / "new", executor="slurm")
+    with pytest.raises(FareError, match="no sweep here"):
+        cell_states(tmp_path / "other")
+    assert (tmp_path / "file").read_text() == "x" and sorted(p.name for p in (tmp_path / "other").iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "new").exists()
