@@ -183,21 +183,20 @@ def _higher_is_better(entries: Sequence[Entry]) -> dict[str, bool | None]:
 # ------------------------------------------------------------------------------- compute
 
 
-def _compare(base: Run, run: Run, **kw):
-    """A's comparison (rows, not_compared, warnings) of one run against its baseline."""
+def _compare(base: Run, run: Run, **kw) -> tuple[list[dict], list[dict], list[str]]:
+    """``fare compare`` of one run against its baseline: (rows, not_compared, warnings)."""
     from .compare import compare_runs
 
     result = compare_runs(base, run, **kw)
-    if isinstance(result, list):  # plain row list
-        return result, [], []
-    return list(result.rows), list(getattr(result, "not_compared", [])), list(getattr(result, "warnings", []))
+    return list(result.rows), list(result.not_compared), list(result.warnings)
 
 
 def _drift_scores(base: Run, run: Run, seed: int, n_bootstrap: int) -> tuple[dict[str, float], list[str]]:
+    """``fare drift`` scores of one run ({task: flip rate, "run": mean}) and its warnings."""
     from .drift import drift_runs
 
     d = drift_runs(base, run, seed=seed, n_bootstrap=n_bootstrap)
-    return {k: float(v) for k, v in d.scores.items()}, list(getattr(d, "warnings", []))
+    return {k: float(v) for k, v in d.scores.items()}, list(d.warnings)
 
 
 def _progress(msg: str) -> None:
