@@ -113,6 +113,11 @@ def plan(runs: Sequence, baselines: Sequence) -> tuple[list[Entry], list[Path]]:
                             f"{base_runs[key].path}); pass one baseline per model")
         base_runs[key] = run
     entries = [Entry(b, None) for b in base_runs.values()]
+    for e in entries:
+        ident = e.run.identity
+        if ident.get("method") not in (None, "none") or ident.get("intervention") not in (None, "none"):
+            e.warnings.append(f"baseline {e.run.path} is not the dense model (method {ident.get('method')}, "
+                              f"intervention {ident.get('intervention')}); its runs are compared with it all the same")
     seen_paths = {b.path.resolve() for b in base_runs.values()}
     seen_ids: dict[str, Run] = {_identity_key(b): b for b in base_runs.values()}
     fare_runs: list[Path] = []

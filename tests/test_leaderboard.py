@@ -335,3 +335,8 @@ def test_interrupted_build_resumes_and_extension_reuses_results(study, tmp_path,
     assert calls == [study["qwen_run"]]
     assert len(list((out / "cache").iterdir())) == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_non_dense_baseline_is_flagged(study, tmp_path):
+    build_leaderboard([study["run_d"]], [study["run_b"]], tmp_path / "o", drift=False, **FAST)
+    assert "is not the dense model (method magnitude" in (tmp_path / "o" / "leaderboard.md").read_text()
