@@ -157,3 +157,18 @@ def test_kill_resume_index_status_and_truth(tmp_path):
                      log=lambda *a, **k: log.append(" ".join(map(str, a)))) == 0
     assert sum("(cached checkpoint)" in ln for ln in log) == 2
     assert {p.name: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+
+    # a cell finished on disk but not indexed (driver killed between rename and commit) is indexed on
+    # rerun from its folder, not recomputed
+    victim = finished[1]["cell_id"]
+    with db:
+        db.execute("DELETE FROM metrics WHERE cell_id=?", (victim,))
+        db.execute("UPDATE cells SET status='running' WHERE cell_id=?", (victim,))
+    hashes = tree_hashes(cells / victim)
+    log.clear()
+    assert run_sweep(grid, out, leaderboard=False, log=lambda *a, **k: log.append(" ".join(map(str, a)))) == 1
+    assert log[0].startswith("[sweep] 7 cells: 6 already done, 1 to run")  # only the failed cell is retried
+    assert tree_hashes(cells / victim) == hashes
+    assert db.execute("SELECT status FROM cells WHERE cell_id=?", (victim,)).fetchone() == ("done",)
+    assert sorted(db.execute("SELECT task, metric, filter, value, stderr FROM metrics WHERE cell_id=?",
+                             (victim,)).fetchall()) == sorted(metric_rows(results_of(cells / victim)))
