@@ -79,8 +79,9 @@ class Cell:
     def checkpoint_key(self) -> str | None:
         """Content key of the compressed checkpoint: model+revision, method, params, calibration, dtype.
 
-        Calibration data enters by the sha256 of its source files, so the key changes when the
-        data do; the task set does not enter, so every task set reuses the checkpoint.
+        Calibration data enter by the sha256 of the records fare_compression reads from each source,
+        so the key changes when the data do; the task set does not enter, so every task set reuses
+        the checkpoint. Placement (device, device_map) does not enter either.
         """
         if not self.compressed:
             return None
