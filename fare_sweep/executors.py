@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fare_core.errors import FareError
+from fare_core.errors import FareError, one_line
 
 from .cells import TMP_PREFIX, WORKER_FILE, run_cell
 from .grid import Cell
@@ -22,9 +22,10 @@ from .index import Index
 RAY_HINT = "pip install 'fare-moe[sweep]' (or pip install 'ray[default]')"
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` on one line (at most ``limit`` characters), for the index and status."""
+    text = f"{type(exc).__name__}: {one_line(exc)}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _duration(seconds: float) -> str:
@@ -79,7 +80,7 @@ def run_local(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recor
         try:
             record = run_cell(cell.to_dict(), str(out_dir), str(cache_dir))
         except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-            recorder.fail(cell, one_line(e), traceback.format_exc())
+            recorder.fail(cell, describe(e), traceback.format_exc())
             continue
         recorder.done(cell, record)
 
@@ -157,9 +158,9 @@ def run_ray(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recorde
                     record = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # the cell raised: not retried (deterministic)
                     cause = getattr(e, "cause", None) or e
-                    recorder.fail(cell, one_line(cause), str(e))
+                    recorder.fail(cell, describe(cause), str(e))
                 except ray.exceptions.RayError as e:  # the worker died max_retries + 1 times
-                    recorder.fail(cell, f"worker died {max_retries + 1} times ({one_line(e)})", str(e))
+                    recorder.fail(cell, f"worker died {max_retries + 1} times ({describe(e)})", str(e))
                 else:
                     recorder.done(cell, record)
     finally:
