@@ -10,11 +10,13 @@
    task's own ``process_results``, reported aggregates by its own aggregation functions, and the
    identity (method, sparsity, safety proportion p) goes into the run's records as fare_moe logs it.
    100 runs = 5 methods x 4 sparsities x 5 values of p.
-3. ``build_leaderboard`` on the first N runs for each N of ``--runs``, in this one process (after a
-   2-run warm-up, so lazy imports are not counted), each under ``tracemalloc`` (Python heap: peak while building, and what stays allocated by the result).
-   Samples are streamed run by run, so the peak should not grow with N beyond the result table.
+3. ``build_leaderboard`` on the first N runs for each N of ``--runs``, each in a fresh process (as
+   benchmarks/profiling_memory.py: ``PYTHONMALLOC=malloc``, live heap from glibc's ``mallinfo2``)
+   after a 2-run warm-up (lazy imports and caches not counted): the live heap above the start after
+   every run (what the build holds between runs: it must not grow with N), after the build (the
+   result table) and the peak RSS. Samples are streamed run by run.
 
-Prints one line per N (wall time, peak heap, rows) and the ratio between the largest and smallest N.
+Prints one JSON line per N and a summary of the largest vs the smallest N. Linux + glibc only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tracemalloc
 from functools import lru_cache
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def template_run(work: Path, limit: int) -> Path:
 def study(template: Path, work: Path, n: int) -> tuple[Path, list[Path]]:
     """The dense baseline (the template's own outputs under fresh records) and ``n`` derived runs."""
     base = work / "runs" / "base"
-    if not list(base.rglob("results_*.json")):
+    if not list(base.rglob("results_*.json")):  # (a child process finds them all written by its parent)
         derive_run(template, base, flip=0.0, seed=0, model_args={"pretrained": "fare-tiny"})
     runs = []
     grid = [(m, s, p) for m in METHODS for s in SPARSITIES for p in PS]
@@ -172,18 +173,42 @@ def study(template: Path, work: Path, n: int) -> tuple[Path, list[Path]]:
     return base, runs
 
 
-def measure(base: Path, runs: list[Path], out: Path, opts: dict) -> dict:
-    for old in (out, out.with_name(f".{out.name}.partial")):  # no cached comparison from an earlier run
-        shutil.rmtree(old, ignore_errors=True)
-    tracemalloc.start()
+def child(work: Path, n: int, opts: dict) -> dict:
+    """In a fresh process: a 2-run warm-up, then the leaderboard of the first ``n`` runs, with the live
+    heap sampled after every run (what the build holds between runs) and at the end (the result)."""
+    import gc
+
+    from profiling_memory import _live_bytes_fn, _proc_status_kib
+
+    live = _live_bytes_fn()
+    def clean(out: Path) -> Path:  # no cached comparison from an earlier run
+        for old in (out, out.with_name(f".{out.name}.partial")):
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    base, runs = study(None, work, n)
+    build_leaderboard(runs[:2], [base], clean(work / "board_warmup"), log=lambda msg: None, **opts)
+    out = clean(work / f"board_{n}")
+    gc.collect()
+    gc.freeze()
+    floor, rss0 = live(), _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    samples = []
+
+    def sample(msg: str) -> None:
+        gc.collect()
+        samples.append(live() - floor)
+
     t0 = time.perf_counter()
-    paths = build_leaderboard(runs, [base], out, overwrite=True, log=lambda msg: None, **opts)
+    paths = build_leaderboard(runs, [base], out, log=sample, **opts)
     wall = time.perf_counter() - t0
-    current, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    gc.collect()
     rows = sum(1 for _ in open(paths["leaderboard_csv"])) - 1
-    return {"runs": len(runs), "rows": rows, "wall_s": round(wall, 1), "peak_heap_mib": round(peak / 2**20, 2),
-            "retained_mib": round(current / 2**20, 2)}
+    return {"runs": n, "rows": rows, "wall_s": round(wall, 1), "s_per_run": round(wall / n, 2),
+            "live_between_runs_max_kib": round(max(samples) / 1024), "live_after_first_run_kib": round(samples[0] / 1024),
+            "live_growth_per_run_kib": round((samples[-1] - samples[0]) / max(n - 1, 1) / 1024, 1),
+            "live_after_build_kib": round((live() - floor) / 1024),
+            "peak_rss_above_start_kib": _proc_status_kib("VmHWM") - rss0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,22 +220,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--permutations", type=int, default=1000)
     ap.add_argument("--bootstrap", type=int, default=100)
     ap.add_argument("--agg-permutations", type=int, default=50)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    opts = {"n_permutations": args.permutations, "n_bootstrap": args.bootstrap,
+            "n_agg_permutations": args.agg_permutations}
+    if args.child is not None:
+        print(json.dumps(child(args.work, args.child, opts)))
+        return 0
+    from profiling_memory import child_env
+
     sizes = sorted(int(x) for x in args.runs.split(","))
     template = args.template or template_run(args.work, args.limit)
     t0 = time.perf_counter()
-    base, runs = study(template, args.work, max(sizes))
-    print(f"{len(runs)} synthetic runs + baseline under {args.work / 'runs'} ({time.perf_counter() - t0:.1f} s)")
-    opts = {"n_permutations": args.permutations, "n_bootstrap": args.bootstrap,
-            "n_agg_permutations": args.agg_permutations}
-    measure(base, runs[:2], args.work / "board_warmup", opts)  # lazy imports and caches are not counted below
-    results = [measure(base, runs[:n], args.work / f"board_{n}", opts) for n in sizes]
-    for r in results:
-        print(json.dumps(r))
+    study(template, args.work, max(sizes))
+    print(f"{max(sizes)} synthetic runs + baseline under {args.work / 'runs'} ({time.perf_counter() - t0:.1f} s); "
+          f"options {opts}", flush=True)
+    results = []
+    for n in sizes:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), "--work", str(args.work),
+               "--permutations", str(args.permutations), "--bootstrap", str(args.bootstrap),
+               "--agg-permutations", str(args.agg_permutations)]
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"leaderboard of {n} runs failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
     small, large = results[0], results[-1]
-    print(f"runs x{large['runs'] / small['runs']:.1f}: time x{large['wall_s'] / small['wall_s']:.2f}, "
-          f"peak heap x{large['peak_heap_mib'] / small['peak_heap_mib']:.2f} "
-          f"({small['peak_heap_mib']} -> {large['peak_heap_mib']} MiB)")
+    print(f"runs x{large['runs'] / small['runs']:g}: wall time x{large['wall_s'] / small['wall_s']:.2f}; live heap "
+          f"between runs (max) {small['live_between_runs_max_kib']} -> {large['live_between_runs_max_kib']} KiB; "
+          f"after the build (result table) {small['live_after_build_kib']} -> {large['live_after_build_kib']} KiB; "
+          f"peak RSS above start {small['peak_rss_above_start_kib']} -> {large['peak_rss_above_start_kib']} KiB")
     return 0
 
 
