@@ -135,17 +135,17 @@ def select_for_seed(ctx: Ctx, out: Path, *, batch_size: int, lam_probe: float, q
         ps.write(d)
         return {"n_prompts": len(ps.prompts)}
 
-    stage(out / "prompts", k, prompts_fn, resume=resume, log=ctx.log)
+    stage(out / "prompts", k, prompts_fn, resume=resume, log=ctx.log, heartbeat=ctx.heartbeat)
     k = {**k, "stage": "profile", "batch_size": batch_size}
     stage(out / "profile", k, lambda d: {"descriptors": profile_model(
         ctx.model, ctx.tokenizer, ps, d, model_id=ctx.model_id, split="validation", batch_size=batch_size,
         progress=ctx.progress, extra_manifest={"revision": ctx.revision})["result"].descriptors},
-        resume=resume, log=ctx.log)
+        resume=resume, log=ctx.log, heartbeat=ctx.heartbeat)
     phi, pl = load_phi(ctx, out / "profile" / "phi.safetensors")
     k = {**k, "stage": "layers", "lam_probe": lam_probe, "quantile": quantile,
          "phi": _file_sha(out / "profile" / "phi.safetensors")}
     aals = stage(out / "layers", k, lambda d: run_layers(ctx, phi, pl, ps, d, lam_probe=lam_probe, quantile=quantile),
-                 resume=resume, log=ctx.log)
+                 resume=resume, log=ctx.log, heartbeat=ctx.heartbeat)
     return {"prompt_set": ps, "phi": phi, "profile_layers": pl, "aals": aals, "key": k}
 
 
@@ -378,6 +378,7 @@ def _robustness(args) -> int:
         raise FareError(f"--out {str(out)!r} holds {foreign[0] if foreign else 'a file'!r}, which is not part of a "
                         "fare robustness folder; choose a new or empty folder")
     ctx = _ctx(args)
+    run = {"resume": resume, "log": ctx.log, "heartbeat": ctx.heartbeat}  # stage() options
     say = lambda msg: ctx.log(f"[robustness] {msg} ({time.perf_counter() - t0:.1f} s)")
     opts = {"batch_size": args.batch_size, "lam_probe": args.lam_probe, "quantile": args.quantile, "resume": resume}
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -390,7 +391,7 @@ def _robustness(args) -> int:
     k_tune = {**main["key"], "stage": "tune", "grid": list(DEFAULT_LAMBDA_GRID), "beta": args.beta}
     if args.lam is None:
         op = stage(out / "tune", k_tune, lambda d: run_tune(ctx, main["phi"], main["profile_layers"], sel,
-                                                            main["prompt_set"], d, beta=args.beta), resume=resume, log=ctx.log)
+                                                            main["prompt_set"], d, beta=args.beta), **run)
         lam, lam_label = operating_lambda(op["lambda_star"] if op["feasible"] else None, args.control_lambda)
         say(f"lambda* {op['lambda_star']} ({op['reason']}); checks use {lam_label}")
     else:
@@ -398,7 +399,7 @@ def _robustness(args) -> int:
         lam, lam_label = float(args.lam), f"lambda={args.lam:g} (--lam)"
     prof = out / f"seed_{args.seed}" / "profile"
     k_ard = {**main["key"], "stage": "ard_profile", "weights": ARD_ONLY}
-    stage(out / "ard_profile", k_ard, lambda d: ard_profile(ctx, prof, main["prompt_set"], d), resume=resume, log=ctx.log)
+    stage(out / "ard_profile", k_ard, lambda d: ard_profile(ctx, prof, main["prompt_set"], d), **run)
     phi_ard, _ = load_phi(ctx, out / "ard_profile" / "phi.safetensors")
     middle = middle_layers(ctx.moe_layers, args.middle_layers or len(sel))
     seed_sel = {s: runs[s]["aals"] for s in seeds}
@@ -406,7 +407,7 @@ def _robustness(args) -> int:
              "ard_phi": _file_sha(out / "ard_profile" / "phi.safetensors"),
              "seed_keys": {str(s): key_hash(runs[s]["key"]) for s in seeds}}
     res = stage(out / "checks", k_chk, lambda d: run_checks(ctx, main, phi_ard, lam, lam_label, middle, seed_sel, d),
-                resume=resume, log=ctx.log)
+                **run)
     say("checks (a)-(d) done")
     manifest = {"command": "robustness", "model": ctx.model_id, "revision": ctx.revision,
                 "model_type": RoutingController.of(ctx.model).model_type, "seed": ctx.seed, "seeds": seeds,
