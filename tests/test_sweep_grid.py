@@ -155,3 +155,8 @@ def test_out_folder_and_status_errors(tmp_path):
         cell_states(tmp_path / "other")
     assert (tmp_path / "file").read_text() == "x" and sorted(p.name for p in (tmp_path / "other").iterdir()) == ["keep.txt"]
     assert not (tmp_path / "new").exists()
+    from fare_sweep.run import SweepLock
+
+    (tmp_path / "busy").mkdir()
+    with SweepLock(tmp_path / "busy"), pytest.raises(FareError, match="another `fare sweep` is running"):
+        run_sweep(g, tmp_path / "busy")  # one driver per folder
