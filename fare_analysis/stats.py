@@ -152,6 +152,7 @@ def label_swap_test(
     seed: int = 0,
     alternative: str = "two-sided",
     exact: bool | None = None,
+    tied=None,
 ) -> PermutationResult:
     """Paired permutation test of any statistic of two runs' paired items (SPEC section 12).
 
@@ -162,18 +163,34 @@ def label_swap_test(
     all 2**n when exact) and the p-value is scipy.stats.permutation_test's (``permutation_type=
     "samples"``); for the mean difference both tests coincide. Patterns on which the statistic is
     undefined (NaN) are dropped; ``n_resamples`` of the result counts the kept ones.
+
+    ``tied`` (boolean vector) marks items whose two records are equal: swapping them changes
+    nothing, so patterns are drawn over the m untied items only (all 2**m when 2**m <= n_resamples:
+    the exact p-value over all 2**n patterns, each of which repeats 2**(n-m) times). With no untied
+    item the statistic cannot move and p = 1.
     """
     _check_common(n_resamples, seed, alternative)
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n={n!r}; must be a positive number of paired items")
+    free = np.ones(n, dtype=bool) if tied is None else ~np.asarray(tied, dtype=bool)
+    if free.shape != (n,):
+        raise ValueError(f"tied must mark each of the n={n} items; got shape {free.shape}")
+    m = int(free.sum())
     if exact is None:
-        exact = 2**n <= n_resamples
-    elif exact and n > 24:
-        raise ValueError(f"exact=True with n={n} items needs 2**{n} patterns; allowed: n <= 24")
+        exact = 2**m <= n_resamples
+    elif exact and m > 24:
+        raise ValueError(f"exact=True with {m} untied items needs 2**{m} patterns; allowed: at most 24")
     observed = float(statistic(np.zeros(n, dtype=bool)))
     rng = np.random.default_rng(seed)
-    null = np.array([float(statistic(row < 0)) for signs in _sign_patterns(n, exact, n_resamples, rng, 2048)
-                     for row in signs], dtype=np.float64)
+
+    def swaps(signs: np.ndarray):
+        for row in signs:
+            swap = np.zeros(n, dtype=bool)
+            swap[free] = row < 0
+            yield swap
+
+    null = np.array([float(statistic(sw)) for signs in _sign_patterns(m, exact, n_resamples, rng, 2048)
+                     for sw in swaps(signs)], dtype=np.float64)
     null = null[np.isfinite(null)]
     if null.size == 0 or not math.isfinite(observed):
         raise ValueError("the statistic is undefined (NaN) on the data or on every permutation")
@@ -371,8 +388,9 @@ def aggregate_comparison(
     """Run ``b`` vs base ``a`` on an aggregate metric (SPEC section 12), items paired by position.
 
     delta = aggregate(b) - aggregate(a); CI: percentile bootstrap of delta over resampled paired
-    items (resamples where the aggregate is undefined are dropped and counted); p-value: paired
-    label-swap permutation test. ``aggregate`` is the task's own aggregation function, called on
+    items (resamples where the aggregate is undefined are dropped and counted; [0, 0] without a call
+    when every item is equal in both runs); p-value: paired label-swap permutation test over the
+    items that differ (equal items cannot move the statistic). ``aggregate`` is the task's own aggregation function, called on
     lists of per-item values exactly as lm-eval calls it.
     """
     n = len(a_items)
@@ -395,9 +413,14 @@ def aggregate_comparison(
     mean_a, mean_b = float(aggregate(a_items)), float(aggregate(b_items))
     if not (math.isfinite(mean_a) and math.isfinite(mean_b)):
         raise ValueError(f"aggregate undefined on the paired items (base {mean_a}, run {mean_b})")
-    ci = bootstrap_ci(np.arange(n, dtype=np.float64), statistic=boot_stat, n_resamples=n_bootstrap,
-                      confidence_level=confidence_level, seed=seed, nan_policy="omit")
-    perm = label_swap_test(swap_stat, n, n_resamples=n_permutations, seed=seed)
+    tied = [a == b for a, b in zip(a_items, b_items)]  # NaN != NaN: such items stay free (conservative)
+    if all(tied):  # identical runs on these items: every resample's delta is exactly 0
+        ci = BootstrapResult(estimate=0.0, low=0.0, high=0.0, standard_error=0.0, confidence_level=confidence_level,
+                             method="percentile", n=n, n_resamples=int(n_bootstrap), seed=int(seed))
+    else:
+        ci = bootstrap_ci(np.arange(n, dtype=np.float64), statistic=boot_stat, n_resamples=n_bootstrap,
+                          confidence_level=confidence_level, seed=seed, nan_policy="omit")
+    perm = label_swap_test(swap_stat, n, n_resamples=n_permutations, seed=seed, tied=tied)
     return {
         "name": name, "n": n, "mean_a": mean_a, "mean_b": mean_b, "delta": mean_b - mean_a,
         "ci_low": ci.low, "ci_high": ci.high, "confidence_level": ci.confidence_level, "ci_method": ci.method,

@@ -207,6 +207,24 @@ def test_label_swap_exact_matches_scipy_samples_permutation(alternative):
     assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
 
 
+def test_label_swap_over_untied_items_is_the_exact_test_over_all_items():
+    rng = np.random.default_rng(8)
+    a = rng.integers(0, 2, 14).astype(float)
+    b = a.copy()
+    b[[1, 4, 6, 9, 12]] = 1 - b[[1, 4, 6, 9, 12]]  # 5 items differ, 9 are tied
+
+    def stat(swap):
+        return _ratio_gap(np.where(swap, a, b)) - _ratio_gap(np.where(swap, b, a))
+
+    ours = label_swap_test(stat, 14, tied=a == b, n_resamples=100)  # 2**5 patterns: exact
+    ref = sps.permutation_test((a, b), lambda x, y: _ratio_gap(y) - _ratio_gap(x), permutation_type="samples",
+                               vectorized=False, n_resamples=2**14)
+    assert ours.exact and ours.n_resamples == 2**5
+    assert ours.pvalue == pytest.approx(ref.pvalue, abs=1e-12)
+    same = label_swap_test(lambda swap: 0.0, 6, tied=np.ones(6, dtype=bool))
+    assert same.pvalue == 1.0 and same.n_resamples == 1
+
+
 def test_label_swap_is_the_sign_flip_test_for_a_mean():
     rng = np.random.default_rng(5)
     a, b = rng.normal(0, 1, 40), rng.normal(0.4, 1, 40)
