@@ -40,7 +40,7 @@ import torch
 from fare_core.errors import FareError
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
-from .stages import Ctx, key_hash, load_phi, stage, write_json
+from .stages import Ctx, _cmp, key_hash, load_phi, stage, write_json
 from .tables import write_table
 
 ARD_ONLY = {"ard": 1.0, "jsd": 0.0, "pmi": 0.0, "ent": 0.0}
@@ -117,14 +117,11 @@ def _prompts_sha(ps) -> str:
     return hashlib.sha256("\n".join(json.dumps(p.to_dict(), sort_keys=True) for p in ps.prompts).encode()).hexdigest()[:16]
 
 
-def _file_sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def select_for_seed(ctx: Ctx, out: Path, *, batch_size: int, lam_probe: float, quantile: float, resume: bool) -> dict:
     """prompts -> profile -> AALS for ``ctx.seed`` into ``out/{prompts,profile,layers}`` (resumable)."""
     from .profiling import profile_model
     from .prompts import build_prompt_set
+    from .run import _file_sha
     from .stages import run_layers
 
     ps = build_prompt_set(seed=ctx.seed, contexts_per_descriptor=ctx.sizes.contexts_per_descriptor,
@@ -166,13 +163,6 @@ def ard_profile(ctx: Ctx, profile_dir: Path, prompt_set, out: Path) -> dict:
     save_profile(out / "phi.safetensors", res.phi, meta["layers"], ctx.model_id, ctl.model_type, fsp=res.options,
                  profiling={"source": "routing aggregates of the composite profile", "weights": ARD_ONLY})
     return {"weights": ARD_ONLY}
-
-
-def _cmp(a, b, name: str, ctx: Ctx) -> dict:
-    from fare_analysis.stats import paired_comparison
-
-    return paired_comparison(a, b, name=name, n_permutations=ctx.sizes.n_permutations,
-                             n_bootstrap=ctx.sizes.n_bootstrap, seed=ctx.seed)
 
 
 TEST_COLUMNS = ["comparison", "n", "mean_a", "mean_b", "delta", "ci_low", "ci_high", "pvalue", "pvalue_bh"]
@@ -369,7 +359,7 @@ def _ours(name: str) -> bool:
 def _robustness(args) -> int:
     from fare_models.surgery import RoutingController
 
-    from .run import _ctx, versions
+    from .run import _ctx, _file_sha, versions
     from .stages import run_tune
 
     out, resume, t0 = Path(args.out), not args.no_resume, time.perf_counter()

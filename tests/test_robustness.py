@@ -16,7 +16,13 @@ import torch
 from scipy import stats
 
 from fare_models.cli import main
-from fare_pipeline.robustness import jaccard, matched_n, middle_layers
+from fare_pipeline.robustness import (
+    jaccard,
+    mask_grid,
+    matched_n,
+    middle_layers,
+    operating_lambda,
+)
 
 LAM = 20.0  # fare-tiny's CrowS preferences barely react to routing; a strong lambda flips a few pairs
 SEED, N_TEST, N_PPL = 0, 64, 8
@@ -135,6 +141,19 @@ def test_rules_by_hand():
     assert middle_layers(range(15), 3) == [6, 7, 8] and middle_layers([4, 5, 6], 3) == [4, 5, 6]
     assert matched_n({1: 10.0, 2: 12.0, 3: 8.0}, 10.0) == 1 and matched_n({1: 9.0, 2: 11.0}, 10.0) == 1
     assert jaccard([1, 2], [2, 3]) == pytest.approx(1 / 3)
+    assert operating_lambda(0.5, 1.0) == (0.5, "lambda*=0.5")
+    assert operating_lambda(0.0, 1.0) == (1.0, "lambda=1 (not lambda*=0)")  # lambda* = 0 would test nothing
+    assert operating_lambda(None, 2.0) == (2.0, "lambda=2 (no feasible lambda*)")
+
+
+def test_mask_grid_top_n_over_layers_by_hand():
+    """Profile rows = decoder layers 3 and 5; global ranking by phi; a set that leaves a layer
+    fewer than top_k experts (room 2 per layer here) ends the grid."""
+    phi = torch.tensor([[0.9, 0.1, 0.8, 0.7], [0.95, 0.5, 0.2, 0.3]])
+    grid = dict(mask_grid(phi, [3, 5], [3, 5], {3: 2, 5: 2}))
+    # ranking 0.95 (5,0) > 0.9 (3,0) > 0.8 (3,2) > 0.7 (3,3): n = 4 would mask a third expert of layer 3
+    assert grid == {1: [(5, 0)], 2: [(3, 0), (5, 0)], 3: [(3, 0), (3, 2), (5, 0)]}
+    assert dict(mask_grid(phi, [3, 5], [5], {3: 2, 5: 1})) == {1: [(5, 0)]}
 
 
 @pytest.mark.slow
