@@ -11,23 +11,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sweep_run import GRID as RUN_GRID
 
 from fare_sweep.cells import TMP_PREFIX, WORKER_FILE
 from fare_sweep.status import cell_states
 
 pytest.importorskip("ray")
 
-GRID = {
-    "models": ["fare-tiny"],
-    "tasks": ["fare_crows_pairs"],
-    "limit": 4,
-    "batch_size": 4,
-    "calibration": {"n": 4, "seq_len": 32, "seed": 0},
-    "safety_p": [0.5],
-    "methods": {"magnitude": {"ratio": [0.5]}, "wanda": {"ratio": [0.5]}},
-    "resources": {"num_gpus": 0, "num_cpus": 1},
-    "device": "cpu",
-}
+GRID = {**RUN_GRID, "safety_p": [0.5], "methods": {"magnitude": {"ratio": [0.5]}, "wanda": {"ratio": [0.5]}},
+        "resources": {"num_gpus": 0, "num_cpus": 1}}
 
 
 def kill_workers(out: Path, proc, plan: dict) -> dict:
