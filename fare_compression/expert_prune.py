@@ -10,6 +10,8 @@ no global ranking), then remove them structurally with :func:`fare_compression.p
   after any renormalisation/scaling, as llm-compressor's port does); S_j = 0 for never-selected j.
 
 Group-limited routers (DeepSeek) drop ``int(E/G * ratio)`` per group so groups stay equal.
+Scores come from the unmodified model, one decoder layer at a time (:mod:`fare_compression.layerwise`):
+only the current layer's inputs are held; the experts are removed after all layers are scored.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ Options reproducing the released reference code (``hcsmoe`` @ bd77eba1): ``clust
 (its scripts pass the typo ``--cluster=hirarchical``, which falls through to K-means in
 ``clustering.py group_experts_by_clustering``) and ``freq_topk=2`` (top-2 counts hard-coded in
 ``compute_all_usages``; taken here as the top-2 of the raw router logits, so ERNIE's selection bias
-is not applied in that option). The K-means is the reference's, step for step: representations in
-float32; k-means++ initial centres (first uniform, then proportional to the squared distance to the
+is not applied in that option). The K-means is the reference's, step for step: representations
+cast to float32 (the means are taken in float64 here, in the model dtype there); k-means++ initial centres (first uniform, then proportional to the squared distance to the
 nearest centre) drawn from ONE random stream seeded once with ``seed`` and consumed layer after
 layer (the reference seeds torch's global generator once per run; its stream equals a CPU
 ``torch.Generator`` with the same seed when the representations are on CPU, as here); then up to
