@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fare_core.errors import FareError
+from fare_core.errors import FareError, one_line
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
 from .stages import Ctx, _cmp, key_hash, load_phi, stage, write_json
@@ -367,7 +367,12 @@ def _robustness(args) -> int:
     if (out.exists() and not out.is_dir()) or foreign:
         raise FareError(f"--out {str(out)!r} holds {foreign[0] if foreign else 'a file'!r}, which is not part of a "
                         "fare robustness folder; choose a new or empty folder")
-    ctx = _ctx(args)
+    try:
+        ctx = _ctx(args)
+    except OSError as e:  # unknown hub id, no network, unreadable folder
+        raise FareError(f"--model {args.model!r} could not be loaded: {one_line(e)}") from e
+    if args.middle_layers is not None:
+        middle_layers(ctx.moe_layers, args.middle_layers)  # a bad window size fails before any compute
     run = {"resume": resume, "log": ctx.log, "heartbeat": ctx.heartbeat}  # stage() options
     say = lambda msg: ctx.log(f"[robustness] {msg} ({time.perf_counter() - t0:.1f} s)")
     opts = {"batch_size": args.batch_size, "lam_probe": args.lam_probe, "quantile": args.quantile, "resume": resume}

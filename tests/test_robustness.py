@@ -288,6 +288,9 @@ def test_report_resume_and_bad_inputs(rob, tmp_path, capsys):
     assert main(["robustness", "--model", "fare-tiny", "--out", str(tmp_path), *ARGS]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mine.txt" in err[0]
-    assert main(["robustness", "--model", "fare-tiny", "--out", str(tmp_path / "n"), "--seeds", "0"]) == 2
-    assert "--seeds 0" in capsys.readouterr().err
-    assert not (tmp_path / "n").exists()
+    for bad, shown in ((["--seeds", "0"], "--seeds 0"), (["--lam", "nan"], "--lam nan"),
+                       (["--middle-layers", "9"], "middle-layer count 9; allowed: 1..4")):
+        assert main(["robustness", "--model", "fare-tiny", "--out", str(tmp_path / "n"), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert shown in err[-1] and "Traceback" not in "".join(err)
+        assert not (tmp_path / "n").exists()
