@@ -74,9 +74,10 @@ def seed_stability(selections: dict) -> dict:
             "mean_jaccard": float(np.mean([jaccard(a, b) for a, b in pairs])) if pairs else 1.0}
 
 
-def mask_grid(phi, profile_layers, selected, room: dict) -> list[tuple[int, list]]:
+def mask_grid(phi, profile_layers, selected, room: dict, allowed=None) -> list[tuple[int, list]]:
     """[(n, top-n (layer, expert) pairs by phi over ``selected``)] for a grid of n, every set leaving
-    each layer at least its top_k experts (``room[layer]`` = num_experts - top_k)."""
+    each layer at least its top_k experts (``room[layer]`` = num_experts - top_k) and passing
+    ``allowed(pairs)`` (e.g. the architecture's own rule: group-limited routers keep 2 per group)."""
     from .controls import mask_sets
 
     total = sum(room[int(layer)] for layer in selected)
@@ -87,7 +88,7 @@ def mask_grid(phi, profile_layers, selected, room: dict) -> list[tuple[int, list
     for n in ns:
         pairs = mask_sets(phi, profile_layers, selected, n=n, random_draws=0)["top"]
         per_layer = {int(layer): sum(1 for lay, _ in pairs if lay == layer) for layer in selected}
-        if all(per_layer[layer] <= room[layer] for layer in per_layer):
+        if all(per_layer[layer] <= room[layer] for layer in per_layer) and (allowed is None or allowed(pairs)):
             out.append((n, pairs))
     return out
 
@@ -180,7 +181,7 @@ def _tests_table(tests: list[dict], stem: Path, title: str) -> list[dict]:
 def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle: list[int],
                seeds: dict, out: Path) -> dict:
     """Checks (a)-(d): one scoring call per split, tables with paired tests (BH within each check)."""
-    from fare_models.surgery import RoutingController
+    from fare_models.surgery import ExpertMask, RoutingController
 
     from .engine import make_arr, make_mask
     from .stages import _metrics
@@ -191,9 +192,16 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
     room = {m.index: m.num_experts - m.top_k for m in ctl.layers}
 
     # (c) matched perplexity on the validation split
-    grid = mask_grid(phi, pl, sel, room)
+    def maskable(pairs) -> bool:  # ExpertMask refuses sets the router cannot route around
+        try:
+            ExpertMask(ctx.model, pairs)
+        except FareError:
+            return False
+        return True
+
+    grid = mask_grid(phi, pl, sel, room, maskable)
     if not grid:
-        raise FareError(f"layers {sel} leave no expert to mask (every layer needs its top_k experts)")
+        raise FareError(f"layers {sel} leave no expert to mask (every layer, and routing group, must keep enough)")
     veng, vev = ctx.engine("validation", ps, tqa=False)
     vcfg = [("base", None, None), ("arr", arr(phi, sel), min(sel))]
     vcfg += [(f"mask{n}", make_mask(ctx.model, pairs), min(layer for layer, _ in pairs)) for n, pairs in grid]

@@ -154,6 +154,8 @@ def test_mask_grid_top_n_over_layers_by_hand():
     # ranking 0.95 (5,0) > 0.9 (3,0) > 0.8 (3,2) > 0.7 (3,3): n = 4 would mask a third expert of layer 3
     assert grid == {1: [(5, 0)], 2: [(3, 0), (5, 0)], 3: [(3, 0), (3, 2), (5, 0)]}
     assert dict(mask_grid(phi, [3, 5], [5], {3: 2, 5: 1})) == {1: [(5, 0)]}
+    # the architecture's own rule (ExpertMask refusing a set) drops a size too
+    assert sorted(dict(mask_grid(phi, [3, 5], [3, 5], {3: 2, 5: 2}, lambda pairs: (3, 2) not in pairs))) == [1, 2]
 
 
 @pytest.mark.slow
