@@ -6,6 +6,10 @@ transfer -> report, each stage a folder of DIR (resumable, see :mod:`fare_pipeli
 ``manifest.json`` (model id, revision, seeds, splits, sizes, versions, stage keys);
 ``DIR/timings.json`` holds wall times (kept out of the number files) and ``DIR/work.json`` the
 decoder-layer work per stage (:class:`fare_pipeline.work.LayerWork`; a resumed stage did none).
+
+Tables 3, 6, 7 and 8 use one lambda, lambda* (0 included; the control lambda only when lambda* is
+infeasible, see :func:`fare_pipeline.stages.intervention_lambda`), stated in every title and in the
+opening lines of ``report.md`` (:func:`report_header`). ``--out`` is checked before anything loads.
 """
 
 from __future__ import annotations
