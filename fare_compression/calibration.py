@@ -157,6 +157,22 @@ def _stream(tok, recs: list[Record], n_chunks: int, seq_len: int, seed: int, cha
     return chunks, {"records_used": used, "epochs": epochs}
 
 
+def check_calibration(n=16, seq_len=128, p=0.0, stats_tokens="all", **_) -> None:
+    """FareError unless the sizes, the proportion and the statistics mode are allowed."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise FareError(f"calibration size n={n!r} must be a positive integer")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise FareError(f"calibration seq_len={seq_len!r} must be an integer >= 2")
+    try:
+        ok = 0.0 <= float(p) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise FareError(f"safety proportion p={p!r} is outside [0, 1]; allowed: a number from 0 to 1")
+    if stats_tokens not in STATS_TOKENS:
+        raise FareError(f"stats_tokens={stats_tokens!r}; allowed: {', '.join(STATS_TOKENS)}")
+
+
 def build_calibration(
     tokenizer,
     n: int = 16,
@@ -172,14 +188,7 @@ def build_calibration(
 
     chat: render with the tokenizer's chat template (None = when the tokenizer has one).
     """
-    if not isinstance(n, int) or n < 1:
-        raise FareError(f"calibration size n={n!r} must be a positive integer")
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise FareError(f"calibration seq_len={seq_len!r} must be an integer >= 2")
-    if not 0.0 <= float(p) <= 1.0:
-        raise FareError(f"safety proportion p={p!r} outside [0, 1]")
-    if stats_tokens not in STATS_TOKENS:
-        raise FareError(f"stats_tokens={stats_tokens!r}; allowed: {', '.join(STATS_TOKENS)}")
+    check_calibration(n, seq_len, p, stats_tokens)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     n_safe = int(round(float(p) * n))

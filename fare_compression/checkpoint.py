@@ -135,10 +135,14 @@ def compress_checkpoint(model: str, method: str, params: dict | None, out, *, de
     name; device_map: None (weights on CPU, one layer at a time on ``device``) or any
     ``from_pretrained`` device_map. ``out`` must be new or empty unless ``overwrite``. Returns the manifest.
     """
+    from .layerwise import resolve_device, resolve_dtype
     from .loading import load_model
-    from .methods import apply_compression
+    from .methods import METHODS, apply_compression, check_params, require_backends
 
-    out_path = check_out_dir(out, overwrite)  # before any compute
+    out_path = check_out_dir(out, overwrite)  # everything that needs no model is checked before loading it
+    check_params(method, params, device, pipeline)
+    resolve_dtype(dtype, resolve_device(device))
+    require_backends(method, METHODS[method].backends)
     m, tok, base = load_model(model, device=device, dtype=dtype, device_map=device_map, revision=revision)
     apply_compression(m, method, params or {}, tok, device=device, pipeline=pipeline, progress=progress)
     m.fare_compression.update(base_revision=revision, device_map=device_map)

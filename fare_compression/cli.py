@@ -73,12 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.method not in METHODS:
             raise FareError(f"unknown method {args.method!r}; allowed: {', '.join(METHODS)}")
         params = _params(args)
-        from .checkpoint import check_out_dir, compress_checkpoint
-        from .layerwise import check_pipeline, resolve_device, resolve_dtype
+        from .checkpoint import compress_checkpoint
 
-        check_out_dir(args.out, args.overwrite)  # before loading anything
-        resolve_dtype(args.dtype, resolve_device(args.device))
-        check_pipeline(args.pipeline)
         manifest = compress_checkpoint(args.model, args.method, params, args.out, device=args.device,
                                        dtype=args.dtype, device_map=args.device_map, revision=args.revision,
                                        overwrite=args.overwrite, pipeline=args.pipeline,

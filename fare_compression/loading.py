@@ -44,6 +44,10 @@ def load_model(spec: str, device="auto", dtype="auto", device_map=None, revision
         kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {}))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {}))
+    except OSError as e:  # not on the hub / offline / no weights in the folder: the library's first line
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise FareError(f"--model {spec!r} could not be loaded: {first}") from e
     return model, tokenizer, model_id

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from fare_core.errors import FareError
 
-from .calibration import CALIBRATION_KEYS, calibration_from_params
+from .calibration import CALIBRATION_KEYS, calibration_from_params, check_calibration
 from .layerwise import check_pipeline, resolve_device
 
 INSTALL_HINT = "install the 'compress' extra: pip install 'fare-moe[compress]' (or pip install --no-deps -r requirements-compress.txt)"
@@ -76,17 +76,13 @@ def require_backends(method: str, names: tuple[str, ...]) -> None:
         raise MissingBackendError(f"compression method {method!r} needs {', '.join(missing)}, which is not installed; {INSTALL_HINT}")
 
 
-def apply_compression(model, method: str, params: dict | None = None, tokenizer=None, *, device=None,
-                      pipeline: str | None = None, progress: bool = True):
-    """Compress ``model`` in place with ``method`` and its ``params``; returns the model.
+def check_params(method: str, params: dict | None, device=None, pipeline: str | None = None):
+    """Everything about a call that can be checked without a model (before a large one is loaded):
+    method and parameter names, ratio, structure, calibration sizes, device and pipeline.
+    Returns (coerced method + calib params, device, pipeline); FareError otherwise."""
+    from .expert_prune import check_ratio
+    from .sparsity import parse_structure
 
-    Calibrated methods take ``calib_<key>`` params (keys: n, seq_len, p, seed, general, safety,
-    stats_tokens, chat). ``device`` (also accepted as ``params["device"]``): where each decoder
-    layer is computed ("auto", "cpu", "cuda", "cuda:1"; default: the accelerator if there is one);
-    layers whose weights live on CPU are moved there one at a time and back. ``pipeline``
-    (or ``params["pipeline"]``): "layerwise" (default) or "model" (the whole-model driver, for
-    comparison). The record of what was done is stored on ``model.fare_compression``.
-    """
     if method not in METHODS:
         raise FareError(f"unknown compression method {method!r}; allowed: {', '.join(METHODS)}")
     spec = METHODS[method]
@@ -99,8 +95,28 @@ def apply_compression(model, method: str, params: dict | None = None, tokenizer=
     if unknown:
         allowed = sorted(set(spec.params) | calib_keys | set(RUN_PARAMS))
         raise FareError(f"unknown parameter(s) {', '.join(unknown)} for method {method!r}; allowed: {', '.join(allowed)}")
-    dev = resolve_device(device)
-    pipeline = check_pipeline(pipeline or "layerwise")
+    if "ratio" in params and params["ratio"] is not None:
+        check_ratio(params["ratio"])
+    if "structure" in params:
+        parse_structure(params["structure"])
+    if spec.calibrated:
+        check_calibration(**{k[len("calib_"):]: v for k, v in params.items() if k.startswith("calib_")})
+    return params, resolve_device(device), check_pipeline(pipeline or "layerwise")
+
+
+def apply_compression(model, method: str, params: dict | None = None, tokenizer=None, *, device=None,
+                      pipeline: str | None = None, progress: bool = True):
+    """Compress ``model`` in place with ``method`` and its ``params``; returns the model.
+
+    Calibrated methods take ``calib_<key>`` params (keys: n, seq_len, p, seed, general, safety,
+    stats_tokens, chat). ``device`` (also accepted as ``params["device"]``): where each decoder
+    layer is computed ("auto", "cpu", "cuda", "cuda:1"; default: the accelerator if there is one);
+    layers whose weights live on CPU are moved there one at a time and back. ``pipeline``
+    (or ``params["pipeline"]``): "layerwise" (default) or "model" (the whole-model driver, for
+    comparison). The record of what was done is stored on ``model.fare_compression``.
+    """
+    params, dev, pipeline = check_params(method, params, device, pipeline)
+    spec = METHODS[method]
     require_backends(method, spec.backends)
     module_name, _, func_name = spec.func.partition(":")
     func = getattr(importlib.import_module(f"fare_compression.{module_name}"), func_name)

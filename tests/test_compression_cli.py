@@ -118,3 +118,20 @@ def test_fare_moe_compression_device_and_dtype():
     assert rec["params"] == {"ratio": 0.5}
     with pytest.raises(FareError, match="pipeline='sideways'"):
         FareMoeLM(pretrained="fare-tiny", compression="magnitude", compression_pipeline="sideways", batch_size=1)
+
+
+def test_values_checked_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """A 60 GB model is not loaded just to learn that ratio=7 is wrong."""
+    import fare_compression.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cases = [("magnitude", {"ratio": 7}, "ratio=7 is outside"), ("wanda", {"calib_n": 0}, "n=0"),
+             ("magnitude", {"ratoi": 0.5}, "unknown parameter.*ratoi.*allowed: .*ratio"),
+             ("hc_smoe", {"calib_p": 2}, "p=2 is outside"), ("magnitude", {"structure": "3:2"}, "3:2"),
+             ("magnitude", {"pipeline": "sideways"}, "pipeline='sideways'")]
+    for method, params, match in cases:
+        with pytest.raises(FareError, match=match):
+            compress_checkpoint("fare-tiny", method, params, tmp_path / "o")
+    with pytest.raises(FareError, match="dtype='fp8'"):
+        compress_checkpoint("fare-tiny", "magnitude", {}, tmp_path / "o", dtype="fp8")
+    assert list(tmp_path.iterdir()) == []
