@@ -282,10 +282,14 @@ def test_middle_layers_and_seed_stability(rob, lm):
 def test_report_resume_and_bad_inputs(rob, tmp_path, capsys):
     md = (rob / "report" / "robustness.md").read_text()
     assert f"lambda={LAM:g} (--lam)" in md and all(f"## ({x})" in md for x in "abcd")
-    before = {p: p.read_bytes() for p in (rob / "checks").rglob("*") if p.is_file()}
+    files = lambda: {p: p.read_bytes() for p in rob.rglob("*") if p.is_file() and p.name != "timings.json"}
+    before = files()
     assert main(["robustness", "--model", "fare-tiny", "--out", str(rob), *ARGS]) == 0  # every stage skipped
     assert "[checks] up to date" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in (rob / "checks").rglob("*") if p.is_file()} == before
+    assert files() == before
+    assert main(["robustness", "--model", "fare-tiny", "--out", str(rob), *ARGS, "--no-resume"]) == 0
+    assert "[checks] up to date" not in capsys.readouterr().err
+    assert files() == before  # recomputed byte for byte (only timings.json differs)
     (tmp_path / "mine.txt").write_text("x")
     assert main(["robustness", "--model", "fare-tiny", "--out", str(tmp_path), *ARGS]) == 2
     err = capsys.readouterr().err.strip().splitlines()
