@@ -48,8 +48,8 @@ def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(expert_hidden(experts, e, x), experts.down_proj[e])
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward early (caught by the driver)."""
 
 
 @dataclass
@@ -66,7 +66,7 @@ def run_calibration(model: nn.Module, calib: CalibrationSet, state: MaskState, b
     handle = None
     if stop_after is not None:
         def _raise(mod, args, out):
-            raise _Stop
+            raise StopForward
         handle = stop_after.register_forward_hook(_raise)
     device = next(model.parameters()).device
     try:
@@ -75,7 +75,7 @@ def run_calibration(model: nn.Module, calib: CalibrationSet, state: MaskState, b
                 state.flat, state.shape = stat.reshape(-1).to(device), tuple(stat.shape)
                 try:
                     model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
     finally:
         state.flat = None

@@ -28,7 +28,7 @@ from torch import nn
 from fare_core.errors import FareError
 
 from .calibration import CalibrationSet
-from .hooks import MaskState, run_calibration
+from .hooks import MaskState, StopForward, run_calibration
 
 PIPELINES = ("layerwise", "model")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -115,10 +115,6 @@ def _move(obj, device, memo: dict):
     return obj
 
 
-class _Stop(Exception):
-    pass
-
-
 class _InputCatcher(nn.Module):
     """Stand-in for decoder layer i during capture: records what the decoder passes it."""
 
@@ -129,7 +125,7 @@ class _InputCatcher(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         self.sink(self.index, hidden_states, args, kwargs)
         if self.last:
-            raise _Stop
+            raise StopForward
         return hidden_states
 
 
@@ -153,20 +149,25 @@ class LayerInputs:
             self.call[-1].append(_move((args, kwargs), torch.device("cpu"), memo))
 
         originals = list(layers)
+        # embeddings, rotary embedding, final norm: computed on `device` when they live on CPU
         others = [m for name, m in dec.named_children() if name != "layers"]
         homes = [_device_of(m) for m in others]
+        emb = model.get_input_embeddings()
+        emb_home = _device_of(emb)
+        dev_in = device if emb_home.type == "cpu" else emb_home
         try:
             for i in range(n):
                 layers[i] = _InputCatcher(i, sink, i == n - 1)
-            for m in others:
-                m.to(device)
+            for m, home in zip(others, homes):
+                if home.type == "cpu":
+                    m.to(device)
             with torch.no_grad():
                 for ids, attn, stat in calib.batches(batch_size):
                     self.call.append([])
                     self.stat.append(stat.reshape(-1))
                     try:
-                        model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-                    except _Stop:
+                        model(input_ids=ids.to(dev_in), attention_mask=attn.to(dev_in), use_cache=False)
+                    except StopForward:
                         pass
         finally:
             for i, layer in enumerate(originals):
