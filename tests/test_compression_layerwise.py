@@ -90,6 +90,40 @@ def test_layerwise_runs_each_layer_on_its_inputs_only(method, per_layer, tok):
     assert head == []
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "prune_reap", "magnitude"])
+def test_one_decoder_layer_on_the_compute_device_at_a_time(method, tok, monkeypatch):
+    """Every decoder layer is moved to the compute device exactly once, never two at the same time,
+    and the activations handed from layer to layer stay on CPU."""
+    from contextlib import contextmanager
+
+    import fare_compression.layerwise as lw
+
+    model = build_tiny_model("qwen2_moe")
+    layers = decoder_layers(model)
+    inside, visits, handed = [], [], []
+    real_onload, real_run = lw.onload, lw.LayerInputs.run
+
+    @contextmanager
+    def spy(module, device):
+        inside.append(module)
+        visits.append((layers.index(module), len(inside)))
+        with real_onload(module, device) as d:
+            yield d
+        inside.remove(module)
+
+    def run(self, *a, **k):
+        outs = real_run(self, *a, **k)
+        handed.extend(o.device.type for o in outs)
+        return outs
+
+    monkeypatch.setattr(lw, "onload", spy)
+    monkeypatch.setattr(lw.LayerInputs, "run", run)
+    params = {"ratio": 0.25 if method == "prune_reap" else 0.5, **({} if method == "magnitude" else CALIB)}
+    apply_compression(model, method, params, tok, progress=False)
+    assert visits == [(i, 1) for i in range(len(layers))]
+    assert set(handed) <= {"cpu"} and (method == "magnitude") == (handed == [])
+
+
 # ----------------------------------------------------------------------------- exact zeros per logical matrix
 
 
