@@ -184,10 +184,16 @@ def load_model(spec: str, *, revision: str | None = None, device: str = "auto", 
         hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtypes[dtype]).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(spec, revision=revision)
+    except OSError as e:  # no such folder / hub id, offline, missing files: one line
+        from fare_core.errors import FareError, one_line
+        from fare_models.lm import check_pretrained
+
+        check_pretrained(spec)  # a mistyped local path: "no such directory, and not a valid hub id"
+        raise FareError(f"--model {spec!r} could not be loaded: {one_line(e)[:400]}") from e
     finally:
         if bars and not progress:
             hf_logging.enable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(spec, revision=revision)
     return model, tok, model_id
 
 

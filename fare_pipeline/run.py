@@ -101,7 +101,7 @@ SIZE_FLAGS = {  # flag -> (Sizes field, type, what it sizes)
     "--max-new-tokens": ("max_new_tokens", int, "greedy tokens generated per prompt (Table 7)"),
     "--permutations": ("n_permutations", int, "permutations of every paired permutation test"),
     "--bootstrap": ("n_bootstrap", int, "bootstrap resamples of every 95%% CI"),
-    "--mask-n": ("mask_n", int, "experts masked per selected layer (Table 2)"),
+    "--mask-n": ("mask_n", int, "experts masked together over the selected layers (Table 2: top, bottom, random by phi)"),
     "--baseline-n": ("baseline_n", int, "experts per selected layer of the SES and random-expert baselines (Table 8)"),
 }
 _PROMPTS, _VAL = ("contexts_per_descriptor",), ("crows_val", "ppl_val")

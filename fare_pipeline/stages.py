@@ -449,6 +449,17 @@ def _clamp_mask_n(ctx: Ctx, n: int, layers: Sequence[int]) -> int:
     return max(1, min(n, room))
 
 
+def _mask_ok(model, pairs) -> bool:
+    """Whether ExpertMask accepts ``pairs`` (top_k experts left per layer, 2 per routing group)."""
+    from fare_models.surgery import ExpertMask
+
+    try:
+        ExpertMask(model, pairs)
+    except ValueError:
+        return False
+    return True
+
+
 def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set, profile_result: dict | None,
                out: Path, *, control_lambda: float = 1.0, n_random: int = 5, n_shards: int = 5,
                stability: float = 0.6) -> dict:
@@ -459,7 +470,8 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     does; every title states its lambda (:func:`lambda_label`). SES (SAFEx-style) ranks experts by ARD in
     ``n_shards`` seeded shards of the validation prompts and keeps those in the shard top-n in at least
     ``stability`` of the shards; random experts and masks are averaged over ``n_random`` seeds. n is
-    ``Sizes.baseline_n`` / ``Sizes.mask_n`` per selected layer, clamped so every layer keeps top_k experts.
+    ``Sizes.baseline_n`` per selected layer / ``Sizes.mask_n`` over all selected layers, clamped so every layer
+    keeps top_k experts (and, for group-limited routers, the masks every routing group 2 experts).
     """
     from fare_models.surgery import RoutingController
     from fare_analysis.stats import bh_family
@@ -493,8 +505,12 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     for s, pairs in enumerate(rand_sets):
         configs.append((f"rand{s}", arr(binary_profile(pairs, profile_layers, E), lam_b), start))
     # Table 2 masking over the selected layers
-    n_mask = _clamp_mask_n(ctx, sizes.mask_n, selected)
-    ms = C.mask_sets(phi, profile_layers, selected, n=n_mask, random_draws=n_random, seed=ctx.seed)
+    n_mask = n_asked = _clamp_mask_n(ctx, sizes.mask_n, selected)
+    while True:  # group-limited routers (DeepSeek-V2/V3): every routing group must keep 2 unmasked experts
+        ms = C.mask_sets(phi, profile_layers, selected, n=n_mask, random_draws=n_random, seed=ctx.seed)
+        if n_mask == 1 or all(_mask_ok(ctx.model, p) for p in [ms["top"], ms["bottom"], *ms["random"]]):
+            break
+        n_mask -= 1
     mask_cfgs = {"top": ms["top"], "bottom": ms["bottom"], **{f"random{i}": d for i, d in enumerate(ms["random"])}}
     for name, pairs in mask_cfgs.items():
         configs.append((f"mask_{name}", make_mask(ctx.model, pairs), min(l for l, _ in pairs)))
@@ -569,7 +585,8 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
                    "delta_crows_pp": float(np.mean([d(k, "pref") for k in keys])),
                    "tqa": float(np.mean([m[k]["tqa"] for k in keys])), "crows": float(np.mean([m[k]["pref"] for k in keys]))})
     write_table(t2, out / "table2_group_masking", digits=3,
-                title=f"Table 2: group-level expert masking over layers {list(selected)} (no ARR; deltas in %p)")
+                title=f"Table 2: group-level expert masking over layers {list(selected)} (no ARR; deltas in %p)"
+                      + (f"; n lowered from {n_asked} so that every routing group keeps 2 experts" if n_mask < n_asked else ""))
     write_json(out / "selections.json", {"ses": ses, "random_experts": rand_sets, "masking": ms, "n_mask": n_mask,
                                          "n_baseline": nb, "lambda_baselines": lam_b, "control_lambda": control_lambda,
                                          "debias_context": deb_ctx})

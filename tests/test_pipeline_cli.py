@@ -101,3 +101,12 @@ def test_run_fsp_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown FSP weight 'bias'; allowed: ard, jsd, pmi, ent" in err and "loading model" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_unloadable_model_is_one_line(tmp_path, capsys):
+    for model, msg in (("nobody/no-such-model-xyz", "--model 'nobody/no-such-model-xyz' could not be loaded: "),
+                       (str(tmp_path / "olmo3"), "no such directory, and not a valid hub id")):
+        assert main(["run", "--model", model, "--quick", "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and err.splitlines()[-1].startswith("fare run: ")
+    assert not (tmp_path / "r").exists()

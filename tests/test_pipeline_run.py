@@ -269,3 +269,36 @@ def test_non_finite_profile_is_refused(tiny_profile, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "non-finite phi" in err and "Traceback" not in err
         assert not (tmp_path / "l").exists()
+
+
+@pytest.mark.slow
+def test_table2_masks_keep_two_experts_per_routing_group(tmp_path):
+    """DeepSeek-V3 routes within groups (4 groups of 4 experts in fare-tiny): Table 2 lowers n until every mask
+    leaves each group 2 experts, and its title says so."""
+    from fare_models.profile import load_profile
+    from fare_models.surgery import ExpertMask
+    from fare_pipeline.profiling import load_model, profile_model
+    from fare_pipeline.prompts import build_prompt_set
+    from fare_pipeline.stages import Ctx, Sizes, run_ablate
+
+    model, tok, mid = load_model("fare-tiny:deepseek_v3", progress=False)
+    ps = build_prompt_set(contexts_per_descriptor=2)
+    r = profile_model(model, tok, ps, tmp_path / "p", model_id=mid, plots=False)
+    prof = load_profile(tmp_path / "p" / "phi.safetensors")
+    ctx = Ctx(model, tok, mid, "deepseek_v3", sizes=Sizes(crows_test=4, ppl_test=2, tqa=1, mask_n=10, baseline_n=1,
+                                                          n_permutations=50, n_bootstrap=20), log=lambda m: None)
+    (tmp_path / "a").mkdir()
+    with pytest.warns(UserWarning, match="correction bias"):
+        run_ablate(ctx, prof.phi, prof.layers, [1, 2], 0.5, ps, r["result"].descriptors, tmp_path / "a", n_random=1)
+    sel = json.loads((tmp_path / "a" / "selections.json").read_text())
+    n = sel["n_mask"]
+    assert 1 <= n < 10
+    for pairs in (sel["masking"]["top"], sel["masking"]["bottom"], *sel["masking"]["random"]):
+        ExpertMask(model, pairs)  # accepted: top_k left per layer, 2 per routing group
+        groups = {}
+        for layer, e in pairs:
+            groups[(layer, e // 4)] = groups.get((layer, e // 4), 0) + 1
+        assert max(groups.values()) <= 2 and len(pairs) == n  # n over the selected layers together
+    title = (tmp_path / "a" / "table2_group_masking.md").read_text().splitlines()[0]
+    assert "n lowered from 10 so that every routing group keeps 2 experts" in title and f"Top-{n} phi" in \
+        (tmp_path / "a" / "table2_group_masking.md").read_text()
