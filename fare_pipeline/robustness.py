@@ -253,10 +253,13 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
                                out / "robustness_b_tests", "5.5(b) paired tests (mean_b - mean_a; BH within (b))")
     stab = seed_stability({s: v["selected"] for s, v in seeds.items()})
     write_table([{"seed": s, "selected": v["selected"], f"jaccard_vs_seed_{ctx.seed}": jaccard(v["selected"], sel),
-                  "ratio": [round(float(r), 6) for r in v["ratio"]], "threshold": v["threshold"]}
+                  "ratio": [round(float(r), 6) for r in v["ratio"]], "threshold": v["threshold"],
+                  "fallback": v["fallback"]}
                  for s, v in seeds.items()], out / "robustness_b_seeds", digits=4,
                 title=f"5.5(b) AALS seed stability over seeds {list(seeds)}: core layers {stab['core']}, "
-                      f"union {stab['union']}, mean pairwise Jaccard {stab['mean_jaccard']:.3f}")
+                      f"union {stab['union']}, mean pairwise Jaccard {stab['mean_jaccard']:.3f}"
+                      + ("; fallback = no layer's R exceeded the quantile, AALS's min_layers rule picked the top-R "
+                         "layer" if any(v["fallback"] for v in seeds.values()) else ""))
 
     # (c) soft vs hard
     t = [row("Baseline", "base", method="-", n_masked=0, ppl_validation=vm["base"]["ppl"]),
@@ -405,7 +408,8 @@ def _robustness(args) -> int:
     stage(out / "ard_profile", k_ard, lambda d: ard_profile(ctx, prof, main["prompt_set"], d), **run)
     phi_ard, _ = load_phi(ctx, out / "ard_profile" / "phi.safetensors")
     middle = middle_layers(ctx.moe_layers, args.middle_layers or len(sel))
-    seed_sel = {s: runs[s]["aals"] for s in seeds}
+    seed_sel = {s: {**runs[s]["aals"], "fallback": bool(json.loads(
+        (out / f"seed_{s}" / "layers" / "aals.json").read_text()).get("fallback", False))} for s in seeds}
     k_chk = {**k_tune, "stage": "checks", "lambda": lam, "middle": middle, "control_lambda": args.control_lambda,
              "ard_phi": _file_sha(out / "ard_profile" / "phi.safetensors"),
              "seed_keys": {str(s): key_hash(runs[s]["key"]) for s in seeds}}

@@ -266,7 +266,8 @@ def test_middle_layers_and_seed_stability(rob, lm):
         _prefs(lm, pairs, _arr(lm, phi, info["middle"], pl)).mean())
     assert float(rows["Fixed middle layers"]["ppl"]) == pytest.approx(
         _ppl(lm, _ppl_texts(rob, "test"), _arr(lm, phi, info["middle"], pl)), rel=1e-5)
-    sels = {s: json.loads((rob / f"seed_{s}" / "layers" / "aals.json").read_text())["selected"] for s in (0, 1, 2)}
+    aals = {s: json.loads((rob / f"seed_{s}" / "layers" / "aals.json").read_text()) for s in (0, 1, 2)}
+    sels = {s: a["selected"] for s, a in aals.items()}
     splits = {s: json.loads((rob / f"seed_{s}" / "layers" / "validation_split.json").read_text())["crows_pair_ids"]
               for s in (0, 1, 2)}
     assert len({tuple(v) for v in splits.values()}) == 3
@@ -276,6 +277,7 @@ def test_middle_layers_and_seed_stability(rob, lm):
     assert info["seed_stability"]["mean_jaccard"] == pytest.approx(mj)
     seeds = _rows(rob / "report" / "robustness_b_seeds.csv")
     assert {int(r["seed"]): _layers(r["selected"]) for r in seeds} == sels
+    assert {int(r["seed"]): r["fallback"] == "True" for r in seeds} == {s: a["fallback"] for s, a in aals.items()}
 
 
 @pytest.mark.slow
