@@ -175,8 +175,10 @@ class LayerInputs:
             for m, home in zip(others, homes):
                 m.to(home)
 
-    def run(self, index: int, layer: nn.Module, device: torch.device, state: MaskState | None) -> list[torch.Tensor]:
-        """Run ``layer`` (decoder layer ``index``) on every batch; returns its outputs (CPU)."""
+    def run(self, index: int, layer: nn.Module, device: torch.device, state: MaskState | None,
+            keep: bool = True) -> list[torch.Tensor]:
+        """Run ``layer`` (decoder layer ``index``) on every batch; returns its outputs (CPU; none
+        when ``keep`` is False: a statistics pass whose outputs a second pass will replace)."""
         outs = []
         with torch.no_grad():
             for b, hidden in enumerate(self.hidden):
@@ -189,8 +191,9 @@ class LayerInputs:
                 finally:
                     if state is not None:
                         state.flat = None
-                out = out[0] if isinstance(out, tuple) else out
-                outs.append(out.detach().to("cpu"))
+                if keep:
+                    out = out[0] if isinstance(out, tuple) else out
+                    outs.append(out.detach().to("cpu"))
         return outs
 
 
@@ -240,14 +243,15 @@ def visit_layers(model, calib: CalibrationSet | None, process: Callable, collect
     state = MaskState()
     for i, layer in enumerate(layers):
         with onload(layer, dev) as here:
+            rerun = sequential and i < n - 1  # the next layer must see this layer compressed
             handle = collect(i, layer, state)
             try:
-                outs = inputs.run(i, layer, here, state)
+                outs = inputs.run(i, layer, here, state, keep=not rerun)
             finally:
                 handle.remove()
             process(i, layer, handle)
             del handle
-            if sequential and i < n - 1:
+            if rerun:
                 outs = inputs.run(i, layer, here, None)
         inputs.hidden = outs
         prog.step(i + 1)
