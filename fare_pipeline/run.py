@@ -198,12 +198,14 @@ def _ctx(args) -> Ctx:
     from fare_models.surgery import RoutingController
 
     from .profiling import load_model
+    from .work import Heartbeat
 
     bars, heartbeat = progress_mode(args)
     t0 = time.perf_counter()
     _log(f"loading model {args.model} ...")
-    model, tok, model_id = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                                      progress=bars)
+    with Heartbeat("load_model", _log, heartbeat or 0.0):  # a large checkpoint takes minutes
+        model, tok, model_id = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                                          progress=bars)
     _log(f"loaded {model_id} in {time.perf_counter() - t0:.1f} s")
     return Ctx(model=model, tokenizer=tok, model_id=model_id, model_type=RoutingController.of(model).model_type,
                revision=args.revision, seed=args.seed, sizes=_sizes(args),

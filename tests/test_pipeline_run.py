@@ -246,7 +246,8 @@ def test_progress_lines_when_output_is_a_pipe(tiny_profile, tmp_path):
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    assert lines[0] == "loading model fare-tiny ..." and re.fullmatch(r"loaded fare-tiny:olmoe in [0-9.]+ s", lines[1])
+    assert lines[0] == "loading model fare-tiny ..." and re.search(r"^loaded fare-tiny:olmoe in [0-9.]+ s$", r.stderr, re.M)
+    assert all(x.startswith("[load_model] running ") for x in lines[1:lines.index("[l] started") - 1])  # heartbeat
     assert "[l] started" in lines and re.search(r"^\[l\] done in [0-9.]+ s$", r.stderr, re.M)
     beats = [x for x in lines if x.startswith("[l] running ")]
     assert beats and any(re.search(r"AALS probes \d+/\d+ batches", x) for x in beats)
