@@ -9,15 +9,19 @@ read from the run's records by :func:`fare_analysis.runs.load_run`, never from f
   drift scores (:func:`fare_analysis.drift.drift_runs`, SPEC 12) and two ranks:
   ``rank_shift`` orders runs by their shift score, the mean over headline metrics of
   |Δ| / CI half-width (1 = closest to its baseline), ``rank_drift`` by the run's drift score;
-* ``instability.csv`` / ``.md``: per model x method x setting, the spread of Δ over the safety
-  proportion p (:mod:`fare_analysis.instability`), per metric and summarised;
-* ``comparisons.csv``: every compared metric of every run (long form; BH across that table);
+* ``instability.csv`` (per metric) and ``instability_summary.csv`` (per setting), with ``.md``: per
+  model x method x setting run at two or more p, the spread of Δ over the safety proportion p
+  (:mod:`fare_analysis.instability`, SPEC 12);
+* ``comparisons.csv``: every compared metric of every run (long form; BH across that table) and
+  ``not_compared.csv``: every metric left out, with the reason;
 * PNGs: ``delta_vs_p.png``, ``delta_vs_drift.png``, ``heatmap.png`` (all embedded in index.html);
 * from ``fare run`` folders: FARE's cross-model Tables 1, 3, 5, 6 and Fig. 3 under ``fare/``.
 
 Runs are processed one at a time (samples are streamed by the comparison and dropped), so memory
-grows only with the result table. The output folder is written under a temporary name and
-renamed into place; an existing one is replaced only with ``overwrite=True`` (``--overwrite``).
+grows only with the result table. The output is built in ``.<out>.partial`` and renamed into
+place; an existing one is replaced only with ``overwrite=True`` (``--overwrite``). Each run's
+comparison is cached (``cache/<key>.json``, key = both runs' files and the options) as soon as it
+is done, so a killed build resumes and an extended table compares only its new runs.
 """
 
 from __future__ import annotations
@@ -102,8 +106,19 @@ def plan(runs: Sequence, baselines: Sequence) -> tuple[list[Entry], list[Path]]:
     Returns the leaderboard entries (baselines first) and the ``fare run`` folders.
     """
     base_runs: dict[tuple, Run] = {}
+    shared: dict[str, dict] = {}
+
+    def load(path) -> Run:
+        """The run's records without what the table never reads (lm-eval's reported aggregates), and
+        task configs shared between runs that logged identical ones: per-run memory stays small."""
+        run = load_run(path)
+        run.results = {}
+        for task, cfg in run.task_configs.items():
+            run.task_configs[task] = shared.setdefault(json.dumps(cfg, sort_keys=True, default=str), cfg)
+        return run
+
     for b in baselines:
-        run = load_run(b)
+        run = load(b)
         if run.kind != "lm-eval":
             raise FareError(f"{run.path}: a fare run folder cannot be a --baseline; pass the dense model's lm-eval "
                             "--output_path (run with --log_samples)")
@@ -124,7 +139,7 @@ def plan(runs: Sequence, baselines: Sequence) -> tuple[list[Entry], list[Path]]:
     for r in runs:
         if Path(r).resolve() in seen_paths:
             continue
-        run = load_run(r)
+        run = load(r)
         seen_paths.add(run.path.resolve())
         if run.kind == "fare-run":
             fare_runs.append(run.path)
@@ -245,7 +260,9 @@ def compute(entries: Sequence[Entry], *, seed: int, n_permutations: int, n_boots
             scores = {}
             if drift:
                 scores, warns = _drift_scores(e.baseline, e.run, seed, n_bootstrap)
-                warnings += [w for w in warns if w not in warnings and not any(w.endswith(x) for x in warnings)]
+                # fare compare already reported differing settings and unpaired items; keep drift's own notes
+                warnings += [w for w in warns if w not in warnings
+                             and "settings that change numbers" not in w and " only in " not in w]
             done = {"rows": rows, "not_compared": not_compared, "warnings": warnings, "drift": scores}
         if cache_out is not None:
             text = json.dumps(done, default=str)
@@ -600,7 +617,8 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
         manifest = {"format": "fare-leaderboard/1", "runs": [str(e.run.path) for e in entries if e.role == "run"],
                     "baselines": [str(e.run.path) for e in entries if e.role == "baseline"],
                     "fare_runs": [str(p) for p in fare_runs], "metrics": cols, "seed": seed,
-                    "n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "drift": drift,
+                    "n_permutations": n_permutations, "n_bootstrap": n_bootstrap,
+                    "n_agg_permutations": n_agg_permutations, "drift": drift,
                     "files": sorted(str(p.relative_to(tmp)) for p in paths.values() if p is not None)}
         atomic_write(tmp / MARKER, lambda t: t.write_text(json.dumps(manifest, indent=2) + "\n"))
         _publish(tmp, out)
