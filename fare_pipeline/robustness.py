@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fare_core.errors import FareError, one_line
+from fare_core.errors import FareError
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
 from .stages import Ctx, _cmp, key_hash, load_phi, stage, write_json
@@ -378,10 +378,7 @@ def _robustness(args) -> int:
     if (out.exists() and not out.is_dir()) or foreign:
         raise FareError(f"--out {str(out)!r} holds {foreign[0] if foreign else 'a file'!r}, which is not part of a "
                         "fare robustness folder; choose a new or empty folder")
-    try:
-        ctx = _ctx(args)
-    except OSError as e:  # unknown hub id, no network, unreadable folder
-        raise FareError(f"--model {args.model!r} could not be loaded: {one_line(e)}") from e
+    ctx = _ctx(args)  # an unloadable --model is a one-line FareError (profiling.load_model)
     if args.middle_layers is not None:
         middle_layers(ctx.moe_layers, args.middle_layers)  # a bad window size fails before any compute
     run = {"resume": resume, "log": ctx.log, "heartbeat": ctx.heartbeat}  # stage() options
