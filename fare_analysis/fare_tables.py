@@ -29,17 +29,21 @@ SHARED_COUNT_FIELDS = ("n_shared_experts", "num_shared_experts", "moe_num_shared
 SHARED_SIZE_FIELDS = ("shared_expert_intermediate_size",)
 
 
-def _md(value, digits: int) -> str:
-    if value is None or value == "":
+def md_cell(value, digits: int) -> str:
+    """Markdown text of a table value (fixed decimals for floats, lists comma-joined, pipes escaped)."""
+    if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
     return str(value).replace("|", "\\|")
 
 
-def _csv(value) -> str:
+def csv_cell(value) -> str:
+    """CSV text of a table value (floats as repr: full precision, lists |-joined)."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -59,10 +63,10 @@ def write_table(rows: Sequence[dict], stem: Path, columns: Sequence[str] | None 
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
-        w.writerow([_csv(r.get(c)) for c in cols])
+        w.writerow([csv_cell(r.get(c)) for c in cols])
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(formats[c](r) if c in formats else _md(r.get(c), digits) for c in cols) + " |"
+    lines += ["| " + " | ".join(formats[c](r) if c in formats else md_cell(r.get(c), digits) for c in cols) + " |"
               for r in rows]
     stem = Path(stem)
     csv_path = atomic_write(stem.with_suffix(".csv"), lambda t: t.write_text(buf.getvalue()))

@@ -15,7 +15,8 @@ import numpy as np
 _META = {"Software": None}
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (no pyplot, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -24,7 +25,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path) -> Path:
+def save_png(fig, path) -> Path:
+    """Write ``fig`` as PNG without software/date metadata (same inputs, same bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", metadata=_META)
@@ -42,7 +44,7 @@ def delta_vs_p(points: Sequence[dict], metrics: Sequence[str], path) -> Path:
     ``points``: dicts with group, metric, p, delta, ci_low, ci_high.
     """
     rows, cols = _grid(len(metrics))
-    fig = _figure(4.2 * cols, 3.2 * rows)
+    fig = figure(4.2 * cols, 3.2 * rows)
     by_metric = defaultdict(lambda: defaultdict(list))
     for pt in points:
         if pt["p"] is not None and pt["delta"] is not None:
@@ -68,7 +70,7 @@ def delta_vs_p(points: Sequence[dict], metrics: Sequence[str], path) -> Path:
                     transform=ax.transAxes, fontsize=8)
     fig.suptitle("Metric Δ vs safety-data proportion p (95% CI)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def delta_vs_drift(points: Sequence[dict], path) -> Path:
@@ -76,7 +78,7 @@ def delta_vs_drift(points: Sequence[dict], path) -> Path:
 
     ``points``: dicts with metric, drift, delta.
     """
-    fig = _figure(6.5, 4.5)
+    fig = figure(6.5, 4.5)
     ax = fig.add_subplot()
     by_metric = defaultdict(list)
     for pt in points:
@@ -94,7 +96,7 @@ def delta_vs_drift(points: Sequence[dict], path) -> Path:
     if by_metric:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def heatmap(rows: Sequence[str], cols: Sequence[str], values, labels, path,
@@ -103,7 +105,7 @@ def heatmap(rows: Sequence[str], cols: Sequence[str], values, labels, path,
     v = np.asarray(values, dtype=float).reshape(len(rows), len(cols))
     finite = v[np.isfinite(v)]
     lim = float(np.max(np.abs(finite))) if finite.size else 1.0
-    fig = _figure(min(2.5 + 1.1 * len(cols), 22), min(1.5 + 0.45 * len(rows), 16))
+    fig = figure(min(2.5 + 1.1 * len(cols), 22), min(1.5 + 0.45 * len(rows), 16))
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(v), cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1, aspect="auto",
                    interpolation="nearest")
@@ -116,7 +118,7 @@ def heatmap(rows: Sequence[str], cols: Sequence[str], values, labels, path,
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def aals_curves(curves: Sequence[tuple], path) -> Path:
@@ -124,7 +126,7 @@ def aals_curves(curves: Sequence[tuple], path) -> Path:
 
     ``curves``: (model, layers, ratio, selected) per model.
     """
-    fig = _figure(7.5, 4)
+    fig = figure(7.5, 4)
     ax = fig.add_subplot()
     for model, layers, ratio, selected in curves:
         (line,) = ax.plot(layers, ratio, marker="o", markerfacecolor="none", label=model)
@@ -136,4 +138,4 @@ def aals_curves(curves: Sequence[tuple], path) -> Path:
     ax.set_title("AALS layer sensitivity R(l) across models (filled = selected)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
