@@ -149,6 +149,10 @@ def compress_checkpoint(model: str, method: str, params: dict | None, out, *, de
     tmp = _tmp_dir(out_path)
     try:
         manifest = _write(m, tok, tmp, base)
+        if method.startswith("gptq"):
+            from .gptq import release_session
+
+            release_session(m)
         del m  # the reload check then never holds two copies of a large model
         gc.collect()
         check_reload(tmp)

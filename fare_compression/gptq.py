@@ -94,6 +94,19 @@ def gptq(model, calib: CalibrationSet, tokenizer=None, scheme: str = "W4A16", da
     return model, info
 
 
+def release_session(model) -> None:
+    """Drop what llm-compressor keeps of ``model`` after ``oneshot`` (its global session, and the
+    namespace of its traced forward, which holds ``self``), so that a saved model can be freed."""
+    import gc
+
+    from llmcompressor.core import active_session
+
+    active_session().reset()
+    for ref in gc.get_referrers(model):
+        if isinstance(ref, dict) and "__name__" in ref and ref.get("self") is model:
+            del ref["self"]
+
+
 def fix_mixtral_keys(out_dir: Path) -> int:
     """Rename block_sparse_moe.experts.N.{gate,up,down}_proj -> w1/w3/w2 in saved safetensors."""
     from safetensors.torch import load_file, save_file

@@ -134,3 +134,32 @@ def test_values_checked_before_the_model_is_loaded(tmp_path, monkeypatch):
     with pytest.raises(FareError, match="dtype='fp8'"):
         compress_checkpoint("fare-tiny", "magnitude", {}, tmp_path / "o", dtype="fp8")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["magnitude", "gptq_w8a16"])
+def test_compressed_model_freed_before_the_reload_check(method, tmp_path, monkeypatch):
+    """Never two copies of a large model in memory: the compressed one is released (llm-compressor's
+    session and traced-forward namespace included) before the saved checkpoint is reloaded."""
+    import gc
+    import importlib.util
+    import weakref
+
+    if method.startswith("gptq") and importlib.util.find_spec("llmcompressor") is None:
+        pytest.skip("llmcompressor not installed")
+    refs, alive = [], []
+    write, reload_ = ckpt._write, ckpt.check_reload
+
+    def spy_write(model, *a):
+        refs.append(weakref.ref(model))
+        return write(model, *a)
+
+    def spy_reload(path):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return reload_(path)
+
+    monkeypatch.setattr(ckpt, "_write", spy_write)
+    monkeypatch.setattr(ckpt, "check_reload", spy_reload)
+    params = {"group_size": 32, "calib_n": 4, "calib_seq_len": 32} if method.startswith("gptq") else {}
+    compress_checkpoint("fare-tiny:qwen3_moe", method, params, tmp_path / "c", progress=False)
+    assert alive == [False]
