@@ -168,6 +168,21 @@ def test_leaderboard_page_loads_has_one_row_per_run_and_sorts(browser, leaderboa
     assert browser.js("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     # hover text carries the CI
     assert "95% CI" in browser.js("document.querySelector('#leaderboard td[title*=\"CI\"]').title")
+    # colour scale by the metric's direction, strongest at the column's largest |Δ| (run_d in both columns):
+    # a lower stereotype preference is better (blue), more over-refusal is worse (red)
+    def colour(metric: str) -> list[int]:
+        heads = browser.js("Array.from(document.querySelectorAll('#leaderboard th')).map(h => h.textContent)")
+        i = heads.index(metric)
+        css = browser.js(f"(() => {{ const cells = Array.from(document.querySelectorAll('#leaderboard tbody tr'))"
+                         f".map(r => r.cells[{i}]).filter(c => c.dataset.value !== '');"
+                         f" const top = cells.reduce((a, b) => Math.abs(+b.dataset.value) > Math.abs(+a.dataset.value) ? b : a);"
+                         f" return getComputedStyle(top).backgroundColor; }})()")
+        return [int(x) for x in css[css.index("(") + 1:css.index(")")].split(",")[:3]]
+
+    r, g, b = colour("fare_crows_pairs/stereotype_preference")
+    assert b > r + 60
+    r, g, b = colour("fare_xstest/over_refusal")
+    assert r > b + 60
 
     headers = browser.js("Array.from(document.querySelectorAll('#leaderboard th')).map(h => h.textContent)")
     col = headers.index("fare_crows_pairs/stereotype_preference")
