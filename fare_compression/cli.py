@@ -15,6 +15,8 @@ from fare_tasks.data import DataError
 
 from .methods import METHODS
 
+DESCRIPTION = ("Load a model, compress it decoder layer by decoder layer, save a from_pretrained checkpoint "
+               "with fare_compression.json and verify that it reloads.")
 _CALIB_FLAGS = {
     "p": "safety proportion of the calibration set, in [0, 1] (default 0)",
     "n": "number of packed calibration sequences (default 16)",
@@ -29,7 +31,7 @@ _CALIB_FLAGS = {
 def _parser() -> argparse.ArgumentParser:
     epilog = "method parameters (--set):\n" + "\n".join(
         f"  {name:<16} {', '.join(m.params)}" for name, m in METHODS.items())
-    ap = argparse.ArgumentParser(prog="fare compress", description=__doc__.split("\n\n")[0], epilog=epilog,
+    ap = argparse.ArgumentParser(prog="fare compress", description=DESCRIPTION, epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="hub id, local checkpoint directory or fare-tiny[:model_type]")
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
