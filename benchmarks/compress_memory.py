@@ -1,4 +1,4 @@
-"""Peak memory of layer-by-layer compression, minus the weights, does not grow with depth (issue 10 §4).
+"""Peak memory of layer-by-layer compression, minus the weights, does not grow with depth.
 
 For every depth (default 2, 4, 8, 16 decoder layers) and method, a fresh Python process builds a
 random-initialised Qwen3-MoE of one fixed width from its transformers config (no download: hidden

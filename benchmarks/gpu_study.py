@@ -1,4 +1,4 @@
-"""Time one compression cell per method family on the study's real model sizes (issue 10 section 4).
+"""Time one compression cell per method family on the study's real model sizes, on a GPU.
 
 Builds random-initialised Qwen3-30B-A3B and ERNIE-4.5-21B-A3B from their transformers config classes
 with the published sizes (no weights download: the modules are created on the meta device and
