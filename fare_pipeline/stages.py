@@ -473,8 +473,8 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     ``Sizes.baseline_n`` per selected layer / ``Sizes.mask_n`` over all selected layers, clamped so every layer
     keeps top_k experts (and, for group-limited routers, the masks every routing group 2 experts).
     """
-    from fare_models.surgery import RoutingController
     from fare_analysis.stats import bh_family
+    from fare_models.surgery import RoutingController
 
     from . import controls as C
     from .baselines import binary_profile, random_experts, ses_select, shard_group_of

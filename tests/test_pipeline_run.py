@@ -243,12 +243,13 @@ def test_progress_lines_when_output_is_a_pipe(tiny_profile, tmp_path):
     cmd = [sys.executable, "-m", "fare_models.cli", "layers", "--model", "fare-tiny", "--profile", str(tiny_profile),
            "--out", str(tmp_path / "l"), "--quick", "--contexts-per-descriptor", "1", "--crows-val", "6", "--ppl-val", "3",
            "--progress-interval", "0.2"]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)  # both to pipes
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    assert lines[0] == "loading model fare-tiny ..." and re.search(r"^loaded fare-tiny:olmoe in [0-9.]+ s$", r.stderr, re.M)
+    assert lines[0] == "loading model fare-tiny ..."
+    assert re.search(r"^loaded fare-tiny:olmoe in [0-9.]+ s$", r.stderr, re.MULTILINE)
     assert all(x.startswith("[load_model] running ") for x in lines[1:lines.index("[l] started") - 1])  # heartbeat
-    assert "[l] started" in lines and re.search(r"^\[l\] done in [0-9.]+ s$", r.stderr, re.M)
+    assert "[l] started" in lines and re.search(r"^\[l\] done in [0-9.]+ s$", r.stderr, re.MULTILINE)
     beats = [x for x in lines if x.startswith("[l] running ")]
     assert beats and any(re.search(r"AALS probes \d+/\d+ batches", x) for x in beats)
     assert "Traceback" not in r.stderr and "\r" not in r.stderr  # no progress bars in a pipe

@@ -19,8 +19,8 @@ def _batch(tok, texts):
 
 @pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
 def test_suffix_equals_full_forward_under_arr(model_type):
-    from fare_models.surgery import ARR, RoutingController
     from fare_core.tiny import build_tiny_model, build_tokenizer
+    from fare_models.surgery import ARR, RoutingController
 
     model, tok = build_tiny_model(model_type), build_tokenizer()
     ids, am = _batch(tok, ["The nurse answered.", "The female engineer stayed late.", "A chef"])
