@@ -21,7 +21,7 @@ Options reproducing the released reference code (``hcsmoe`` @ bd77eba1): ``clust
 ``clustering.py group_experts_by_clustering``) and ``freq_topk=2`` (top-2 counts hard-coded in
 ``compute_all_usages``; taken here as the top-2 of the raw router logits, so ERNIE's selection bias
 is not applied in that option). The K-means is the reference's, step for step: representations
-cast to float32 (the means are taken in float64 here, in the model dtype there); k-means++ initial centres (first uniform, then proportional to the squared distance to the
+``experts[i](X).mean(0)`` in the model dtype over all tokens at once, cast to float32; k-means++ initial centres (first uniform, then proportional to the squared distance to the
 nearest centre) drawn from ONE random stream seeded once with ``seed`` and consumed layer after
 layer (the reference seeds torch's global generator once per run; its stream equals a CPU
 ``torch.Generator`` with the same seed when the representations are on CPU, as here); then up to
@@ -170,10 +170,17 @@ def merge_groups(experts, clusters: list[list[int]], f: torch.Tensor) -> None:
             t.data[gi] = merged.unsqueeze(0).expand(len(G), *merged.shape)
 
 
-def representations(experts, x: torch.Tensor, num_experts: int, chunk: int = 16384) -> torch.Tensor:
-    """o_i = mean ungated output of expert i over the rows of x (CPU float32), [E, H] float64 on CPU;
-    computed on the experts' device in token chunks (sums in float64)."""
+def representations(experts, x: torch.Tensor, num_experts: int, chunk: int = 16384,
+                    as_reference: bool = False) -> torch.Tensor:
+    """o_i = mean ungated output of expert i over the rows of x (CPU float32), [E, H] on CPU.
+
+    Default: float64 sums over token chunks on the experts' device. ``as_reference``: as the
+    reference code does before its K-means, ``experts[i](X).mean(0)`` over all tokens at once in the
+    model's dtype, then cast to float32."""
     dev, dt = experts.gate_up_proj.device, experts.gate_up_proj.dtype
+    if as_reference:
+        xd = x.to(dev, dt)
+        return torch.stack([expert_output(experts, e, xd).mean(dim=0) for e in range(num_experts)]).float().cpu()
     T = x.shape[0]
     reps = []
     for e in range(num_experts):
@@ -232,11 +239,11 @@ def hc_smoe(model, calib: CalibrationSet, num_clusters: int | None = None, ratio
         if not isinstance(col, MoECollector):
             return
         ex = col.layer.experts
-        reps = representations(ex, col.x, col.layer.num_experts)
+        reps = representations(ex, col.x, col.layer.num_experts, as_reference=cluster == "kmeans")
         if cluster == "hierarchical":
             clusters, _ = agglomerative(torch.cdist(reps, reps), num_clusters, linkage)
         else:
-            clusters = kmeans(reps.float(), num_clusters, generator)
+            clusters = kmeans(reps, num_clusters, generator)
         f = frequencies(col.topk_idx, col.logits, col.layer.num_experts, freq_topk)
         merge_groups(ex, clusters, f)
         info["layers"][str(i)] = {"clusters": clusters, "frequencies": [round(float(v), 6) for v in f]}

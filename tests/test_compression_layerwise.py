@@ -251,14 +251,14 @@ def _representations(model, calib):
         h.remove()
     reps = {}
     for l in moe_layers(model):
-        x = torch.cat(xs[l.index]).double()
+        x = torch.cat(xs[l.index])
         I = l.experts.down_proj.shape[-1]
         outs = []
-        for e in range(l.num_experts):
-            gu = l.experts.gate_up_proj.data[e].double()
+        for e in range(l.num_experts):  # as grouping_qwen.py: experts[i](layer_input).mean(dim=0), float32
+            gu = l.experts.gate_up_proj.data[e]
             h = F.silu(x @ gu[:I].T) * (x @ gu[I:].T)
-            outs.append((h @ l.experts.down_proj.data[e].double().T).mean(0))
-        reps[l.index] = torch.stack(outs).float()
+            outs.append((h @ l.experts.down_proj.data[e].T).mean(dim=0))
+        reps[l.index] = torch.stack(outs).to(torch.float32)
     return reps
 
 
