@@ -54,9 +54,9 @@ def csv_cell(value) -> str:
 
 
 def write_table(rows: Sequence[dict], stem: Path, columns: Sequence[str] | None = None, *, digits: int = 3,
-                title: str | None = None, formats: dict | None = None) -> tuple[Path, Path]:
-    """Write ``stem.csv`` (full precision) and ``stem.md`` atomically; ``formats`` maps a column to a
-    function giving its Markdown text."""
+                title: str | None = None, formats: dict | None = None, markdown: bool = True) -> tuple[Path, Path | None]:
+    """Write ``stem.csv`` (full precision) and, with ``markdown``, ``stem.md`` atomically; ``formats``
+    maps a column to a function giving its Markdown text."""
     cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
     formats = formats or {}
     buf = io.StringIO()
@@ -70,6 +70,8 @@ def write_table(rows: Sequence[dict], stem: Path, columns: Sequence[str] | None 
               for r in rows]
     stem = Path(stem)
     csv_path = atomic_write(stem.with_suffix(".csv"), lambda t: t.write_text(buf.getvalue()))
+    if not markdown:
+        return csv_path, None
     md_path = atomic_write(stem.with_suffix(".md"), lambda t: t.write_text("\n".join(lines) + "\n"))
     return csv_path, md_path
 

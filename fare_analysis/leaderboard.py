@@ -595,11 +595,12 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
                 paths["instability_csv"] = write_table(inst_metric, tmp / "instability", title="Instability per metric")[0]
                 write_table(inst_summary, tmp / "instability_summary", title="Instability per setting")
             long_rows = bh_family(long_rows) if long_rows else long_rows
-            paths["comparisons_csv"] = write_table(long_rows, tmp / "comparisons")[0] if long_rows else None
+            if long_rows:
+                paths["comparisons_csv"] = write_table(long_rows, tmp / "comparisons", markdown=False)[0]
             dropped = [{"run": e.run.label, "path": str(e.run.path), **n} for e in entries for n in e.not_compared]
             if dropped:
-                paths["not_compared_csv"] = write_table(dropped, tmp / "not_compared", ["run", "path", "task", "metric",
-                                                                                       "reason"])[0]
+                paths["not_compared_csv"] = write_table(dropped, tmp / "not_compared",
+                                                        ["run", "path", "task", "metric", "reason"], markdown=False)[0]
             paths.update(_plots(tmp, entries, cols, rows, inst_cells))
         fare_paths = build_fare_tables(fare_runs, tmp / "fare") if fare_runs else {}
         paths.update({f"fare/{k}": v for k, v in fare_paths.items()})
