@@ -30,12 +30,16 @@ import shutil
 import subprocess
 import sys
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from fare_analysis.compare import _fare_task_index, installed_metric_list, resolve_aggregation
+from fare_analysis.compare import (
+    _fare_task_index,
+    installed_metric_list,
+    resolve_aggregation,
+)
 from fare_analysis.leaderboard import build_leaderboard
 from fare_analysis.runs import load_run
 from fare_core.files import atomic_write
@@ -47,7 +51,7 @@ PS = (0.0, 0.25, 0.5, 0.75, 1.0)
 REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 
 
-@lru_cache(maxsize=None)
+@cache
 def _process_results(task: str):
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -56,7 +60,7 @@ def _process_results(task: str):
         raise ValueError(f"task {task!r} is not a fare task; derive_run perturbs fare tasks only")
     fn = load_yaml(entry.yaml_path, resolve_func=True).get("process_results")
     if not callable(fn):
-        raise ValueError(f"task {task!r} has no process_results function")
+        raise TypeError(f"task {task!r} has no process_results function")
     return fn
 
 
@@ -203,7 +207,7 @@ def child(work: Path, n: int, opts: dict) -> dict:
     paths = build_leaderboard(runs, [base], out, log=sample, **opts)
     wall = time.perf_counter() - t0
     gc.collect()
-    rows = sum(1 for _ in open(paths["leaderboard_csv"])) - 1
+    rows = len(paths["leaderboard_csv"].read_text().splitlines()) - 1
     return {"runs": n, "rows": rows, "wall_s": round(wall, 1), "s_per_run": round(wall / n, 2),
             "live_between_runs_max_kib": round(max(samples) / 1024), "live_after_first_run_kib": round(samples[0] / 1024),
             "live_growth_per_run_kib": round((samples[-1] - samples[0]) / max(n - 1, 1) / 1024, 1),

@@ -12,8 +12,8 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
@@ -123,7 +123,7 @@ def _param_count(folder: Path) -> int | None:
     total = 0
     for f in files:
         with safe_open(str(f), framework="numpy") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 total += math.prod(fh.get_slice(name).get_shape())
     return total
 

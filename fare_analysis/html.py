@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 

@@ -388,10 +388,10 @@ def _md_cell(row: dict, m: str) -> str:
 
 def _write_markdown(path: Path, rows, metrics, drift_tasks, inst_summary, entries, family_size) -> None:
     cols = ["run", "role", "p"] + list(metrics) + [f"drift:{t}" for t in drift_tasks] + ["rank_shift", "rank_drift"]
-    lines = ["# Leaderboard", "",
-             f"Δ vs each model's baseline [95% bootstrap CI]; * = BH-adjusted p < 0.05 over the table's "
-             f"{family_size} tests. Drift = flip rate (SPEC 12). rank_shift: mean |Δ|/CI half-width, 1 = closest "
-             "to baseline; rank_drift: 1 = least drift.", "",
+    legend = (f"Δ vs each model's baseline [95% bootstrap CI]; * = BH-adjusted p < 0.05 over the table's "
+              f"{family_size} tests. Drift = flip rate (SPEC 12). rank_shift: mean |Δ|/CI half-width, 1 = closest "
+              "to baseline; rank_drift: 1 = least drift.")
+    lines = ["# Leaderboard", "", legend, "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         vals = []
@@ -420,8 +420,9 @@ def _write_markdown(path: Path, rows, metrics, drift_tasks, inst_summary, entrie
                 or n.get("metric") == "*"]
         lines += ["", "## Not compared", ""] + [
             f"- {label}: {n.get('task')}/{n.get('metric')}, because {n.get('reason')}" for label, n in head]
-        lines += [f"- {len(dropped) - len(head)} other (run, metric) pairs outside the headline columns: "
-                  "see not_compared.csv"] if len(dropped) > len(head) else []
+        if len(dropped) > len(head):
+            lines.append(f"- {len(dropped) - len(head)} other (run, metric) pairs outside the headline columns: "
+                         "see not_compared.csv")
     atomic_write(path, lambda t: t.write_text("\n".join(lines) + "\n"))
 
 

@@ -179,9 +179,9 @@ def test_leaderboard_page_loads_has_one_row_per_run_and_sorts(browser, leaderboa
                          f" return getComputedStyle(top).backgroundColor; }})()")
         return [int(x) for x in css[css.index("(") + 1:css.index(")")].split(",")[:3]]
 
-    r, g, b = colour("fare_crows_pairs/stereotype_preference")
+    r, _, b = colour("fare_crows_pairs/stereotype_preference")
     assert b > r + 60
-    r, g, b = colour("fare_xstest/over_refusal")
+    r, _, b = colour("fare_xstest/over_refusal")
     assert r > b + 60
 
     headers = browser.js("Array.from(document.querySelectorAll('#leaderboard th')).map(h => h.textContent)")
