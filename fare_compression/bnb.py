@@ -103,6 +103,7 @@ def quantize_bnb(model, bits: int = 8, threshold: float = 6.0, quant_type: str =
         raise FareError(f"quant_type={quant_type!r}; allowed: {', '.join(QUANT_TYPES)}")
     if experts not in ("quantize", "skip"):
         raise FareError(f"experts={experts!r}; allowed: quantize, skip (attention/shared only, must be reported)")
+    dtype = next(model.parameters()).dtype  # the dense dtype, for the saved (dequantised) copy
     unfused = unfuse_experts(model) if experts == "quantize" else []
     skip = set()
     for layer in moe_layers(model):
@@ -114,7 +115,7 @@ def quantize_bnb(model, bits: int = 8, threshold: float = 6.0, quant_type: str =
                 if type(child) is nn.Linear and id(child) not in skip and child.out_features > 1:
                     setattr(mod, child_name, _quantized_linear(child, bits, threshold, quant_type, double_quant))
                     count += 1
-    model.fare_bnb = {"bits": bits, "unfused": unfused}
+    model.fare_bnb = {"bits": bits, "unfused": unfused, "dtype": dtype}
     info = {"bits": bits, "quant_type": quant_type if bits == 4 else "int8 (LLM.int8, row-wise absmax)",
             "threshold": threshold if bits == 8 else None, "double_quant": double_quant if bits == 4 else None,
             "experts": experts, "unfused_modules": unfused, "quantized_linears": count,
@@ -162,17 +163,24 @@ def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def dense_copy(model):
-    """A plain (original-architecture) model holding the dequantised weights, for save_pretrained."""
+    """A plain (original-architecture) model holding the dequantised weights, for save_pretrained.
+
+    Built on the meta device and given the dequantised tensors (cast to the dense dtype) by
+    assignment, so saving needs one dense copy of the weights, not two."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    sd = dequantized_state_dict(model)
-    fresh = AutoModelForCausalLM.from_config(model.config)
-    dtype = next(fresh.parameters()).dtype
-    missing, unexpected = fresh.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+    dtype = model.fare_bnb.get("dtype", torch.float32)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dequantized_state_dict(model).items()}
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
     if getattr(fresh.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
         missing = [k for k in missing if not k.startswith("lm_head")]
-    if missing or unexpected:
-        raise RuntimeError(f"bnb dense copy: missing {missing}, unexpected {unexpected}")
+    meta = [n for n, p in fresh.named_parameters() if p.device.type == "meta"]
+    if missing or unexpected or meta:
+        raise RuntimeError(f"bnb dense copy: missing {missing}, unexpected {unexpected}, unset {meta}")
     return fresh.eval()
 
 
