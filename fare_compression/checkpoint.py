@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from fare_core.errors import FareError
-from fare_core.files import normal_permissions, package_versions
+from fare_core.files import check_writable_dir, normal_permissions, package_versions
 
 MANIFEST = "fare_compression.json"
 FORMAT = "fare-compression/1"
@@ -54,6 +54,7 @@ def check_out_dir(out_dir, overwrite: bool = False) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FareError(f"--out {str(out_dir)!r} is a folder that is not empty; allowed: a new or empty folder, "
                         "or pass --overwrite (overwrite=True) to replace it")
+    check_writable_dir(out.absolute().parent, "the parent of --out")  # the temp folder goes there
     return out
 
 

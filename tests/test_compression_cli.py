@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,13 +34,15 @@ def test_cli_refuses_non_empty_folder_and_file(tmp_path):
     afile = tmp_path / "weights.bin"
     afile.write_bytes(b"x")
     for out, words in ((folder, ["not empty", "--overwrite", "new or empty folder"]),
-                       (afile, ["existing file", "folder"])):
+                       (afile, ["existing file", "folder"]),
+                       (Path("/proc/fare-no/such"), ["parent of --out", "not writable"])):
         proc = fare("compress", "--model", "fare-tiny:qwen3_moe", "--method", "magnitude", "--out", str(out),
                     cwd=tmp_path)
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and str(out) in lines[0], proc.stderr
+        named = out if out.parent.exists() else out.parent  # an unwritable parent is named itself
+        assert len(lines) == 1 and str(named) in lines[0], proc.stderr
         for w in words:
             assert w in lines[0]
     assert (folder / "config.json").read_text() == '{"mine": true}' and sorted(os.listdir(folder)) == ["config.json"]
