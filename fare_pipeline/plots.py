@@ -1,34 +1,17 @@
 """PNG plots of the pipeline's outputs (matplotlib, Agg canvas, no global backend state).
 
-Byte-stable for the same inputs: the PNG carries no software/date metadata.
+Byte-stable for the same inputs: the PNG carries no software/date metadata
+(:func:`fare_analysis.plots.figure` / :func:`fare_analysis.plots.save_png`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-_META = {"Software": None}
-
-
-def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - matplotlib is a declared dependency
-        raise RuntimeError("plots need matplotlib (pip install matplotlib)") from e
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", metadata=_META)
-    return path
+from fare_analysis.plots import figure as _figure
+from fare_analysis.plots import save_png as _save
 
 
 def _layer_ticks(layers: Sequence[int], most: int = 24) -> list[int]:

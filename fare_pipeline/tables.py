@@ -6,31 +6,11 @@ Deterministic bytes for the same rows (floats as ``repr`` in CSV, fixed decimals
 from __future__ import annotations
 
 import csv
-import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-
-def _md(value, digits: int) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    return str(value).replace("|", "\\|")
-
-
-def _csv(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "|".join(str(v) for v in value)
-    return str(value)
+from fare_analysis.fare_tables import csv_cell as _csv
+from fare_analysis.fare_tables import md_cell as _md
 
 
 def write_table(rows: Sequence[dict], stem, columns: Sequence[str] | None = None, *, digits: int = 3,
