@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from fare_core.errors import FareError
-from fare_core.files import check_writable_dir, normal_permissions, package_versions
+from fare_core.files import check_writable_dir, normal_permissions, package_versions, remove_stale_temps
 
 MANIFEST = "fare_compression.json"
 FORMAT = "fare-compression/1"
@@ -91,6 +91,7 @@ def _write(model, tokenizer, out: Path, base: str | None) -> dict:
 
 
 def _tmp_dir(out: Path) -> Path:
+    remove_stale_temps(out)  # left by a killed earlier `fare compress` (dead pid only)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

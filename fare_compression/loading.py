@@ -9,25 +9,11 @@ where it puts them instead (layers already on an accelerator are computed in pla
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from fare_core.errors import FareError
-from fare_core.tiny import is_tiny_spec, resolve_pretrained
+from fare_core.tiny import check_pretrained, is_tiny_spec, resolve_pretrained
 
 from .layerwise import resolve_device, resolve_dtype
-
-
-def _check_local(spec: str) -> None:
-    """A spec that can only be a local path must exist (one line instead of the hub's traceback)."""
-    import fare_core.tiny as tiny
-
-    check = getattr(tiny, "check_pretrained", None)  # shared check, when fare_core has it
-    if check is not None:
-        check(spec)
-        return
-    p = Path(spec).expanduser()
-    if (spec.startswith(("/", ".", "~")) or spec.count("/") > 1) and not p.is_dir():
-        raise FareError(f"--model {spec!r}: no such directory, and not a valid hub id (org/name)")
 
 
 def load_model(spec: str, device="auto", dtype="auto", device_map=None, revision: str | None = None):
@@ -37,7 +23,7 @@ def load_model(spec: str, device="auto", dtype="auto", device_map=None, revision
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if not is_tiny_spec(spec):
-        _check_local(spec)
+        check_pretrained(spec)
     path, model_id = resolve_pretrained(spec)
     kwargs = {"dtype": dt}
     if revision and not is_tiny_spec(spec):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -92,3 +95,46 @@ def package_versions(names: Iterable[str]) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>[0-9]+)$")  # atomic writers' temp / replaced siblings
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (signal 0; another user's process counts, a zombie does not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:  # a killed child its parent has not reaped yet is a zombie ("Z"): dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temps(folder: Path, log=None) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of ``folder`` whose process is dead.
+
+    A ``kill -9`` during an atomic write (a pipeline stage, a compressed checkpoint) leaves them; a
+    live process's (another run writing now) are kept.
+    """
+    folder = Path(folder)
+    removed = []
+    for p in sorted(folder.parent.glob(f".{glob.escape(folder.name)}.*-*")):
+        m = TEMP_NAME.match(p.name)
+        if m and m["name"] == folder.name and not pid_alive(int(m["pid"])):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+            if log is not None:
+                log(f"[{folder.name}] removed {p.name} left by process {m['pid']}, which no longer runs")
+    return removed

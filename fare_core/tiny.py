@@ -85,6 +85,21 @@ def parse_tiny_spec(spec: str) -> str:
     return model_type
 
 
+def check_pretrained(pretrained) -> None:
+    """A string ``pretrained`` must be a local directory or a well-formed hub id (FareError otherwise)."""
+    if not isinstance(pretrained, str) or Path(pretrained).expanduser().is_dir():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
+        raise FareError(
+            f"pretrained={pretrained!r}: no such directory, and not a valid hub id "
+            "(a hub id is org/name, e.g. allenai/OLMoE-1B-7B-0924)"
+        ) from None
+
+
 def resolve_pretrained(pretrained: str) -> tuple[str, str]:
     """(what from_pretrained should load, the model id to record) for any ``pretrained`` string.
 

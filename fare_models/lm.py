@@ -31,9 +31,8 @@ from lm_eval.models.huggingface import HFLM
 from .args import FareArgs, init_arg_names, split_model_args
 from .profile import check_profile, load_profile
 from .surgery import ARR, ExpertMask, Recorder, RoutingController
-from fare_core.errors import FareError
 from fare_core.files import check_writable_dir
-from fare_core.tiny import is_tiny_spec, resolve_pretrained
+from fare_core.tiny import check_pretrained, is_tiny_spec, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +184,3 @@ class FareMoeLM(HFLM):
             "moe_layers": [layer.index for layer in self.routing.layers],
         }
         return info
-
-
-def check_pretrained(pretrained) -> None:
-    """A string ``pretrained`` must be a local directory or a well-formed hub id (FareError otherwise)."""
-    if not isinstance(pretrained, str) or Path(pretrained).expanduser().is_dir():
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(pretrained)
-    except HFValidationError:
-        raise FareError(
-            f"pretrained={pretrained!r}: no such directory, and not a valid hub id "
-            "(a hub id is org/name, e.g. allenai/OLMoE-1B-7B-0924)"
-        ) from None

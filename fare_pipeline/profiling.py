@@ -187,7 +187,7 @@ def load_model(spec: str, *, revision: str | None = None, device: str = "auto", 
         tok = AutoTokenizer.from_pretrained(spec, revision=revision)
     except OSError as e:  # no such folder / hub id, offline, missing files: one line
         from fare_core.errors import FareError, one_line
-        from fare_models.lm import check_pretrained
+        from fare_core.tiny import check_pretrained
 
         check_pretrained(spec)  # a mistyped local path: "no such directory, and not a valid hub id"
         raise FareError(f"--model {spec!r} could not be loaded: {one_line(e)[:400]}") from e

@@ -15,12 +15,10 @@ formulation of ``fare_crows_pairs`` / ``fare_truthfulqa`` / ``fare_perplexity`` 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fare_core.files import TEMP_NAME, remove_stale_temps
 
 from .aals import (
     DEFAULT_LAMBDA_GRID,
@@ -83,45 +83,6 @@ def stage_done(folder: Path, key: dict) -> dict | None:
     return doc["result"]
 
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>[0-9]+)$")  # a stage's temp / replaced folder
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (signal 0; another user's process counts, a zombie does not)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    try:  # a killed child its parent has not reaped yet is a zombie ("Z"): dead
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def remove_stale_temps(folder: Path, log=None) -> list[Path]:
-    """Remove ``.NAME.tmp-PID`` / ``.NAME.old-PID`` siblings of ``folder`` whose process is dead.
-
-    A ``kill -9`` during a stage leaves them; a live process's (another run writing now) are kept.
-    """
-    folder = Path(folder)
-    removed = []
-    for p in sorted(folder.parent.glob(f".{glob.escape(folder.name)}.*-*")):
-        m = _TEMP.match(p.name)
-        if m and m["name"] == folder.name and p.is_dir() and not pid_alive(int(m["pid"])):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-            if log is not None:
-                log(f"[{folder.name}] removed {p.name} left by process {m['pid']}, which no longer runs")
-    return removed
-
-
 def check_stage_folder(folder: Path) -> None:
     """Refuse (one line) an output path that is a file, or a non-empty folder that is not a stage folder."""
     from fare_core.errors import FareError
@@ -147,7 +108,7 @@ def check_run_folder(out: Path, stages: Sequence[str]) -> None:
         raise FareError(f"--out {str(out)!r} is a file; allowed: a new or empty folder, or an earlier `fare run` folder")
     if not out.is_dir():
         return
-    entries = [p for p in out.iterdir() if not _TEMP.match(p.name)]
+    entries = [p for p in out.iterdir() if not TEMP_NAME.match(p.name)]
     ours = [p for p in entries if p.name in ("timings.json", "work.json")
             or (p.name in stages and (p / "stage.json").is_file())]
     if entries and not ours:

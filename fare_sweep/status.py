@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from fare_core.errors import FareError
-from fare_pipeline.stages import pid_alive
+from fare_core.files import pid_alive
 
 from .cells import read_done
 from .index import INDEX, Index

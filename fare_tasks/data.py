@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fare_core.errors import FareError
 from fare_core.files import normal_permissions
 
 #: benchmark -> (GitHub repository, pinned commit) the files were taken from (see SOURCE.md).
@@ -150,7 +151,7 @@ _ROWS: tuple[tuple, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(FareError):
     """A benchmark file is missing, corrupt, or does not hold what a task needs."""
 
 

@@ -166,3 +166,20 @@ def test_compressed_model_freed_before_the_reload_check(method, tmp_path, monkey
     params = {"group_size": 32, "calib_n": 4, "calib_seq_len": 32} if method.startswith("gptq") else {}
     compress_checkpoint("fare-tiny:qwen3_moe", method, params, tmp_path / "c", progress=False)
     assert alive == [False]
+
+
+def test_temp_folders_of_a_killed_compress_are_removed_live_ones_kept(tmp_path):
+    """kill -9 during `fare compress` leaves `.NAME.tmp-PID`; the next run removes it (dead pid only)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid no longer runs
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid in (dead.pid, live.pid):
+            (tmp_path / f".ckpt.tmp-{pid}").mkdir()
+            (tmp_path / f".ckpt.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+        compress_checkpoint("fare-tiny:qwen3_moe", "magnitude", {"ratio": 0.5}, tmp_path / "ckpt", device="cpu",
+                            progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp-%d" % live.pid, "ckpt"]
+    finally:
+        live.kill()
+        live.wait()

@@ -122,7 +122,7 @@ def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from fare_pipeline.stages import pid_alive
+    from fare_core.files import pid_alive
 
     dead = _dead_pid()
     assert not pid_alive(dead)
