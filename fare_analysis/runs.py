@@ -112,7 +112,27 @@ def make_label(identity: dict) -> str:
     return " ".join(parts)
 
 
-def lm_eval_identity(results: dict) -> dict:
+def checkpoint_dir(pretrained, run_folder: Path | None = None) -> Path | None:
+    """The compressed-checkpoint folder ``pretrained`` names (one holding a fare_compression.json), or None.
+
+    A relative path is tried from the working directory first, then from the run folder and each of
+    its parents, so a run recorded as ``sweep/checkpoints/...`` is found from any working directory.
+    """
+    if not isinstance(pretrained, str) or not pretrained:
+        return None
+    path = Path(pretrained).expanduser()
+    bases = [Path.cwd()]
+    if run_folder is not None and not path.is_absolute():
+        here = Path(run_folder).resolve()
+        bases += [here, *here.parents]
+    for base in bases:
+        candidate = path if path.is_absolute() else base / path
+        if (candidate / COMPRESSION_MANIFEST).is_file():
+            return candidate
+    return None
+
+
+def lm_eval_identity(results: dict, run_folder: Path | None = None) -> dict:
     """Identity of an lm-eval run from its results_*.json (and a compressed checkpoint's manifest)."""
     config = results.get("config") or {}
     args = parse_model_args(config.get("model_args"))
@@ -122,10 +142,11 @@ def lm_eval_identity(results: dict) -> dict:
     revision = args.get("revision") or config.get("model_revision")
     method, params, p, source = "none", {}, None, None
     manifest = None
-    if isinstance(pretrained, str) and (Path(pretrained) / COMPRESSION_MANIFEST).is_file():
-        source = str(Path(pretrained) / COMPRESSION_MANIFEST)
+    ckpt = checkpoint_dir(pretrained, run_folder)
+    if ckpt is not None:
+        source = str(ckpt / COMPRESSION_MANIFEST)
         try:
-            manifest = json.loads((Path(pretrained) / COMPRESSION_MANIFEST).read_text())
+            manifest = json.loads((ckpt / COMPRESSION_MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FareError(f"{source}: unreadable compression manifest ({e}); re-run fare compress") from None
     if manifest:
@@ -265,7 +286,7 @@ def _load_lm_eval(folder: Path, results_paths: list[Path]) -> Run:
     per_file = []
     for path in results_paths:
         obj = _read_json(path, folder)
-        ident = lm_eval_identity(obj)
+        ident = lm_eval_identity(obj, folder)
         identities.setdefault(json.dumps({k: ident[k] for k in IDENTITY_KEYS}, sort_keys=True, default=str), path)
         tasks = sorted(obj.get("configs") or {})
         per_file.append((tasks, eval_settings(obj, {t: samples[t] for t in tasks if t in samples})))
@@ -273,10 +294,10 @@ def _load_lm_eval(folder: Path, results_paths: list[Path]) -> Run:
             merged[key].update(obj.get(key) or {})
         merged.update({k: v for k, v in obj.items() if k not in ("configs", "results")})
     if len(identities) > 1:
-        labels = "; ".join(f"{lm_eval_identity(_read_json(p, folder))['label']} ({p.name})" for p in identities.values())
+        labels = "; ".join(f"{lm_eval_identity(_read_json(p, folder), folder)['label']} ({p.name})" for p in identities.values())
         raise FareError(f"{folder}: holds runs of different models or configurations ({labels}); give each run "
                         "its own --output_path")
-    return Run(path=folder, kind="lm-eval", identity=lm_eval_identity(merged), tasks=samples,
+    return Run(path=folder, kind="lm-eval", identity=lm_eval_identity(merged, folder), tasks=samples,
                task_configs=merged["configs"], eval_config=_merge_settings(per_file), results=merged["results"],
                results_files=results_paths)
 

@@ -46,6 +46,24 @@ def test_identity_of_a_compressed_checkpoint_comes_from_its_manifest_not_the_fol
     assert ident["method_params"]["n_clusters"] == 4 and ident["method_source"].endswith("fare_compression.json")
 
 
+def test_relative_checkpoint_path_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """A sweep records `study/checkpoints/ck` relative to where it ran; the manifest is still found
+    (from the run folder's parents) when the run is read from another directory."""
+    ckpt = tmp_path / "study" / "checkpoints" / "ck"
+    ckpt.mkdir(parents=True)
+    (ckpt / "fare_compression.json").write_text(json.dumps({
+        "format": "fare-compression/1", "base_model": "fare-tiny", "method": "magnitude",
+        "params": {"ratio": 0.5}}))
+    run = tmp_path / "study" / "cells" / "c1"
+    write_run(run, {"fare_crows_pairs": _crows()}, model_args={"pretrained": "study/checkpoints/ck"},
+              fare_moe={"model_id": "study/checkpoints/ck"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ident = load_run(run).identity
+    assert (ident["model"], ident["method"], ident["method_params"]) == ("fare-tiny:olmoe", "magnitude", {"ratio": 0.5})
+
+
 def test_identity_of_on_the_fly_compression_from_model_args_string(tmp_path):
     write_run(tmp_path / "r", {"fare_crows_pairs": _crows()},
               model_args="pretrained=fare-tiny,compression=magnitude,compression_sparsity=0.5,compression_calib_p=0.1",
