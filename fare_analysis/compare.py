@@ -193,14 +193,24 @@ def _as_run(x) -> Run:
 
 def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
                  n_bootstrap: int = DEFAULT_BOOTSTRAP, n_agg_permutations: int = DEFAULT_AGG_PERMUTATIONS,
-                 strict: bool = False, allow_other_model: bool = False, n_jobs: int = 1, progress=None) -> Comparison:
+                 strict: bool = False, allow_other_model: bool = False, n_jobs: int = 1, progress=None,
+                 metrics=None) -> Comparison:
     """Compare every metric of ``run`` with ``base`` (see the module docstring); BH is the caller's.
 
-    ``n_jobs`` > 1 computes the aggregate metrics in that many worker processes (same numbers)."""
+    ``n_jobs`` > 1 computes the aggregate metrics in that many worker processes (same numbers).
+    ``metrics`` (``task/metric`` names; ``task/metric`` covers every filter of ``metric``) restricts
+    the comparison to those metrics: the others are skipped silently (neither rows nor not_compared),
+    the rows kept are the ones an unrestricted comparison gives."""
     base, run = _as_run(base), _as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
+    wanted = None if metrics is None else frozenset(metrics)
+    if wanted is not None:
+        wanted_tasks = {m.partition("/")[0] for m in wanted}
+        common = [t for t in common if t in wanted_tasks]
     cmp = Comparison(base=base, run=run)
     for task in sorted(base.tasks.keys() ^ run.tasks.keys()):
+        if wanted is not None and task not in wanted_tasks:
+            continue
         where = base if task in base.tasks else run
         cmp.not_compared.append({"task": task, "metric": "*", "reason": f"task logged only in {where.path}"})
     if cmp.not_compared:
@@ -214,7 +224,7 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
         if progress:
             progress(f"compare: {task} ({i}/{len(common)})")
         _compare_task(cmp, task, jobs, order, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                      strict=strict)
+                      strict=strict, wanted=wanted)
     run_aggregate_jobs(cmp, jobs, n_jobs=n_jobs, progress=progress, seed=seed, n_permutations=n_agg_permutations,
                        n_bootstrap=n_bootstrap)
     cmp.rows.sort(key=lambda r: order[(r["task"], r["metric"])])  # the tasks' metric_list order
@@ -222,8 +232,9 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
 
 
 def _compare_task(cmp: Comparison, task: str, jobs: list, order: dict, *, seed, n_permutations, n_bootstrap,
-                  strict) -> None:
-    """Mean and partial metrics of one task into ``cmp``; aggregate metrics appended to ``jobs``."""
+                  strict, wanted=None) -> None:
+    """Mean and partial metrics of one task into ``cmp``; aggregate metrics appended to ``jobs``
+    (only the ``wanted`` ``task/metric[,filter]`` names when given)."""
     base, run = cmp.base, cmp.run
     a_items, filters = _read_task(base, task)
     b_items, b_filters = _read_task(run, task)
@@ -248,6 +259,8 @@ def _compare_task(cmp: Comparison, task: str, jobs: list, order: dict, *, seed, 
         metric = spec.get("metric")
         for flt in filters:
             name = metric if len(filters) == 1 else f"{metric},{flt}"
+            if wanted is not None and f"{task}/{metric}" not in wanted and f"{task}/{name}" not in wanted:
+                continue
             keys = [k for k in shared if k[0] == flt]
             row = {"task": task, "metric": name}
             order.setdefault((task, name), len(order))

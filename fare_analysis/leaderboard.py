@@ -13,7 +13,8 @@ read from the run's records by :func:`fare_analysis.runs.load_run`, never from f
   model x method x setting run at two or more p, the spread of Δ over the safety proportion p
   (:mod:`fare_analysis.instability`, SPEC 12);
 * ``comparisons.csv``: every compared metric of every run (long form; BH across that table) and
-  ``not_compared.csv``: every metric left out, with the reason;
+  ``not_compared.csv``: every metric left out, with the reason (with ``metrics=`` / ``--metrics``
+  only those metrics are compared, so both files hold only them);
 * PNGs: ``delta_vs_p.png``, ``delta_vs_drift.png``, ``heatmap.png`` (all embedded in index.html);
 * from ``fare run`` folders: FARE's cross-model Tables 1, 3, 5, 6 and Fig. 3 under ``fare/``.
 
@@ -237,8 +238,12 @@ def cache_key(e: Entry, opts: dict) -> str:
 
 def compute(entries: Sequence[Entry], *, seed: int, n_permutations: int, n_bootstrap: int, drift: bool,
             n_agg_permutations: int | None = None, n_jobs: int = 1, log: Callable[[str], None] = _progress,
-            cache_in: Sequence[Path] = (), cache_out: Path | None = None) -> list[dict]:
+            cache_in: Sequence[Path] = (), cache_out: Path | None = None,
+            metrics: Sequence[str] | None = None) -> list[dict]:
     """Compare (and drift-score) every run against its baseline, one at a time; returns all rows.
+
+    ``metrics`` (``task/metric`` names) restricts the comparisons to those metrics (the columns a
+    user asked for); None compares every metric (comparisons.csv then holds them all).
 
     Each run's result is stored as ``cache_out/<key>.json`` as soon as it is done; a result found in
     ``cache_in`` under the same key (same files, same options) is reused, so an interrupted or
@@ -247,6 +252,8 @@ def compute(entries: Sequence[Entry], *, seed: int, n_permutations: int, n_boots
     todo = [e for e in entries if e.role == "run"]
     long_rows: list[dict] = []
     extra = {} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}
+    if metrics is not None:
+        extra["metrics"] = sorted(metrics)
     opts = {"seed": seed, "n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "drift": drift, **extra}
     t0 = time.monotonic()
     for i, e in enumerate(todo, 1):
@@ -576,7 +583,8 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
     try:
         long_rows = compute(entries, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
                             drift=drift, n_agg_permutations=n_agg_permutations, n_jobs=n_jobs, log=log,
-                            cache_in=[tmp / CACHE, out / CACHE], cache_out=tmp / CACHE)
+                            cache_in=[tmp / CACHE, out / CACHE], cache_out=tmp / CACHE,
+                            metrics=cols if metrics else None)
         used = {f"{e.cache_key}.json" for e in entries}
         for stale in (tmp / CACHE).iterdir():  # keep only the entries of this table's runs
             if stale.name not in used:
@@ -636,7 +644,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--baseline", action="append", type=Path, default=[],
                     help="dense baseline run of a model (repeat: one per model)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
-    ap.add_argument("--metrics", default=None, help="comma-separated task/metric headline columns (default: per task)")
+    ap.add_argument("--metrics", default=None, help="comma-separated task/metric headline columns (default: per task); only these are "
+                    "compared (faster; comparisons.csv then holds only them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS)
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)

@@ -107,6 +107,26 @@ def test_bbq_bias_scores_hand_worked(tmp_path):
     assert listed == set(rows) | set(skipped)
 
 
+def test_metrics_filter_keeps_exactly_the_unrestricted_rows_of_those_metrics(tmp_path):
+    base_preds, run_preds = [0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 2, 2, 2, 2, 2, 2]
+    write_run(tmp_path / "base", {"fare_bbq_1k": [bbq_item(i, p) for i, p in enumerate(base_preds)],
+                                  "fare_crows_pairs": _crows_prefs([1, 1, 0, 1, 1, 0, 1, 1], 5),
+                                  "fare_xstest": [xstest_item(i, i % 2 == 0) for i in range(4)]})
+    write_run(tmp_path / "run", {"fare_bbq_1k": [bbq_item(i, p) for i, p in enumerate(run_preds)],
+                                 "fare_crows_pairs": _crows_prefs([0, 1, 0, 0, 1, 0, 1, 0], 5),
+                                 "fare_xstest": [xstest_item(i, True) for i in range(4)]})
+    kw = {"n_bootstrap": 50, "n_agg_permutations": 50, "n_permutations": 200, "seed": 1}
+    full = compare_runs(tmp_path / "base", tmp_path / "run", **kw)
+    wanted = ["fare_bbq_1k/acc", "fare_bbq_1k/bias_ambig", "fare_bbq_1k/bias_ambig_SES", "fare_crows_pairs/parity_gap"]
+    part = compare_runs(tmp_path / "base", tmp_path / "run", metrics=wanted, **kw)
+    assert part.rows == [r for r in full.rows if f"{r['task']}/{r['metric']}" in wanted]
+    assert {f"{r['task']}/{r['metric']}" for r in part.rows} == set(wanted) - {"fare_bbq_1k/bias_ambig_SES"}
+    # a wanted metric that cannot be compared is still listed; the others are skipped silently
+    assert part.not_compared == [r for r in full.not_compared if f"{r['task']}/{r['metric']}" in wanted]
+    assert [r["metric"] for r in part.not_compared] == ["bias_ambig_SES"]
+    assert len(full.rows) > 10 and not any(r["task"] == "fare_xstest" for r in part.rows)
+
+
 def test_partial_metrics_on_items_both_runs_logged(tmp_path):
     safe_a = [1, 1, 0, 0, 0, 0]
     safe_b = [1, 0, 0, 1, 1, None]  # judge failed on the last safe item of the run

@@ -123,6 +123,22 @@ def test_deltas_equal_hand_counts(board):
         assert lo <= -c / N_CROWS <= hi
 
 
+def test_restricted_metrics_compare_only_those_and_keep_their_numbers(board, tmp_path):
+    runs = [board.parent / "runs" / n for n in ("run_d", "qwen_run", "hc_smoe_p0.75", "magnitude_p0.25", "run_b")]
+    bases = [board.parent / "runs" / "base_olmoe", board.parent / "runs" / "base_qwen"]
+    wanted = ["fare_bbq_1k/bias_ambig", "fare_crows_pairs/parity_gap"]
+    out = build_leaderboard(runs, bases, tmp_path / "o", metrics=wanted, drift=False, **FAST)
+    full = {r["path"]: r for r in _rows(board / "leaderboard.csv")}
+    part = _rows(out["leaderboard_csv"])
+    assert len(part) == len(full)
+    for r in part:
+        for m in wanted:
+            for k in ("delta", "ci_low", "ci_high", "pvalue", "n"):  # p_BH: a smaller family here
+                assert r[f"{m}:{k}"] == full[r["path"]][f"{m}:{k}"], (r["run"], m, k)
+    long = _rows(out["comparisons_csv"])
+    assert {f"{r['task']}/{r['metric']}" for r in long} == set(wanted) and len(long) == 2 * len(runs)
+
+
 def test_bh_across_the_whole_table_matches_statsmodels(board):
     from statsmodels.stats.multitest import multipletests
 
