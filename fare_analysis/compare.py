@@ -37,7 +37,7 @@ from pathlib import Path
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
-from .runs import Run, iter_samples, load_run
+from .runs import Run, as_run, iter_samples
 from .stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_PERMUTATIONS,
@@ -187,10 +187,6 @@ def refuse_overwrite(out: Path | None, names, overwrite: bool) -> None:
                         "another --out")
 
 
-def _as_run(x) -> Run:
-    return x if isinstance(x, Run) else load_run(x)
-
-
 def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
                  n_bootstrap: int = DEFAULT_BOOTSTRAP, n_agg_permutations: int = DEFAULT_AGG_PERMUTATIONS,
                  strict: bool = False, allow_other_model: bool = False, n_jobs: int = 1, progress=None,
@@ -201,7 +197,7 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
     ``metrics`` (``task/metric`` names; ``task/metric`` covers every filter of ``metric``) restricts
     the comparison to those metrics: the others are skipped silently (neither rows nor not_compared),
     the rows kept are the ones an unrestricted comparison gives."""
-    base, run = _as_run(base), _as_run(run)
+    base, run = as_run(base), as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     wanted = None if metrics is None else frozenset(metrics)
     if wanted is not None:

@@ -32,7 +32,6 @@ Writes ``drift.csv`` (one row per run x task x measure x category, plus ``drift_
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import math
 import sys
@@ -45,7 +44,7 @@ from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
 from .compare import check_pair, config_differences, refuse_overwrite
-from .runs import Run, iter_samples, load_run
+from .runs import Run, as_run, iter_samples, load_run, logged_verdict
 from .stats import DEFAULT_BOOTSTRAP, bootstrap_ci
 
 #: doc fields that split a task's items into prompt categories (matched by task-name prefix).
@@ -99,18 +98,6 @@ def chrf(hypothesis: str, reference: str) -> float:
     from sacrebleu.metrics import CHRF
 
     return float(CHRF().sentence_score(hypothesis, [reference]).score)
-
-
-def _verdict(filtered) -> dict:
-    """The judge/scorer dict lm-eval logged as the filtered response (its repr), else {}."""
-    if isinstance(filtered, list) and filtered:
-        filtered = filtered[0]
-    if isinstance(filtered, str) and filtered.startswith("{"):
-        try:
-            filtered = ast.literal_eval(filtered)
-        except (ValueError, SyntaxError):
-            return {}
-    return filtered if isinstance(filtered, dict) else {}
 
 
 def _text(resps) -> str | None:
@@ -191,7 +178,7 @@ def _task_measures(task: str, output_type: str, a: dict, b: dict, keys: list[str
                 add("exact_match", [], ta == tb)
                 add("token_edit_distance", [], token_edit_distance(ta, tb))
                 add("chrf", [], chrf(tb, ta))
-            va, vb = _verdict(ra["filtered_resps"]), _verdict(rb["filtered_resps"])
+            va, vb = logged_verdict(ra["filtered_resps"]), logged_verdict(rb["filtered_resps"])
             if "refused" in va or "refused" in vb:
                 if va.get("refused") is None or vb.get("refused") is None:
                     skipped_judge += 1
@@ -233,8 +220,7 @@ def _summarise(task: str, measures: dict, *, seed: int, n_bootstrap: int) -> lis
 def drift_runs(base, run, *, seed: int = 0, n_bootstrap: int = DEFAULT_BOOTSTRAP, strict: bool = False,
                allow_other_model: bool = False, progress=None) -> Drift:
     """Drift of ``run`` from ``base`` on every shared task (see the module docstring)."""
-    base = base if isinstance(base, Run) else load_run(base)
-    run = run if isinstance(run, Run) else load_run(run)
+    base, run = as_run(base), as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     out = Drift(base=base, run=run)
     alone = sorted(base.tasks.keys() ^ run.tasks.keys())
@@ -308,14 +294,12 @@ def csv_rows(drifts: list[Drift]) -> list[dict]:
 
 def plot(drifts: list[Drift], out: Path) -> list[Path]:
     """drift_scores.png (task x run flip rates) and drift_categories.png (flip rate per category)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import figure, save_png
 
     paths = []
     tasks = sorted({t for d in drifts for t in d.scores if t != "run"}) + ["run"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(drifts)) ** 0.5), 4))
+    fig = figure(max(6, 1.2 * len(tasks) * max(1, len(drifts)) ** 0.5), 4)
+    ax = fig.add_subplot()
     width = 0.8 / max(1, len(drifts))
     for i, d in enumerate(drifts):
         ax.bar(np.arange(len(tasks)) + i * width, [d.scores.get(t, np.nan) for t in tasks], width, label=d.run.label)
@@ -324,12 +308,12 @@ def plot(drifts: list[Drift], out: Path) -> list[Path]:
     ax.set_title(f"Drift from {drifts[0].base.label}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(atomic_write(out / "drift_scores.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110)))
-    plt.close(fig)
+    paths.append(atomic_write(out / "drift_scores.png", lambda tmp: save_png(fig, tmp)))
 
     cats = sorted({(r["task"], r["measure"], r["category"]) for d in drifts for r in d.rows
                    if r["measure"] in SCORE_MEASURES and r["category"] != "all"})
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(cats) * max(1, len(drifts)) + 1)))
+    fig = figure(7, max(2.5, 0.22 * len(cats) * max(1, len(drifts)) + 1))
+    ax = fig.add_subplot()
     height = 0.8 / max(1, len(drifts))
     for i, d in enumerate(drifts):
         got = {(r["task"], r["measure"], r["category"]): r for r in d.rows}
@@ -341,8 +325,7 @@ def plot(drifts: list[Drift], out: Path) -> list[Path]:
     ax.set_xlabel("flip rate with 95% CI")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(atomic_write(out / "drift_categories.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110)))
-    plt.close(fig)
+    paths.append(atomic_write(out / "drift_categories.png", lambda tmp: save_png(fig, tmp)))
     return paths
 
 

@@ -215,22 +215,23 @@ def _first_record(path: Path) -> dict | None:
     return None
 
 
+def logged_verdict(filtered) -> dict:
+    """The judge/scorer dict of a generation item's ``filtered_resps`` (lm-eval logs it as its repr), else {}."""
+    if isinstance(filtered, list) and filtered:
+        filtered = filtered[0]
+    if isinstance(filtered, str) and filtered.startswith("{"):
+        try:
+            filtered = ast.literal_eval(filtered)
+        except (ValueError, SyntaxError):
+            return {}
+    return filtered if isinstance(filtered, dict) else {}
+
+
 def _judge_of(path: Path) -> str | None:
     """Refusal judge / toxicity scorer named in the first item's filtered response (generation tasks)."""
     rec = _first_record(path)
-    if not rec:
-        return None
-    resp = rec.get("filtered_resps")
-    if isinstance(resp, list) and resp:
-        resp = resp[0]
-    if isinstance(resp, str) and resp.startswith("{"):
-        try:
-            resp = ast.literal_eval(resp)  # lm-eval logs dict responses as their repr
-        except (ValueError, SyntaxError):
-            return None
-    if isinstance(resp, dict):
-        return resp.get("judge") or resp.get("scorer")
-    return None
+    verdict = logged_verdict(rec.get("filtered_resps")) if rec else {}
+    return verdict.get("judge") or verdict.get("scorer")
 
 
 def eval_settings(results: dict, tasks: dict[str, Path]) -> dict:
@@ -302,6 +303,11 @@ def _load_lm_eval(folder: Path, results_paths: list[Path]) -> Run:
                results_files=results_paths)
 
 
+def as_run(run_or_path) -> Run:
+    """``run_or_path`` itself when it is a :class:`Run`, else :func:`load_run` of it."""
+    return run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+
+
 def load_run(path) -> Run:
     """Read a run folder (lm-eval ``--output_path`` with ``--log_samples``, or a ``fare run`` folder)."""
     folder = Path(path)
@@ -327,11 +333,6 @@ def load_run(path) -> Run:
 
 
 # ----------------------------------------------------------------------------------- samples
-
-
-def metric_names(run: Run, task: str) -> list[str]:
-    """Metrics of ``task`` in its config order (lm-eval ``metric_list``)."""
-    return [m["metric"] for m in run.task_configs.get(task, {}).get("metric_list", []) if "metric" in m]
 
 
 def iter_samples(run: Run, task: str) -> Iterator[dict]:
@@ -361,7 +362,3 @@ def iter_samples(run: Run, task: str) -> Iterator[dict]:
                 "doc": rec.get("doc"), "target": rec.get("target"), "resps": rec.get("resps"),
                 "filtered_resps": rec.get("filtered_resps"), "values": {m: rec[m] for m in names if m in rec},
             }
-
-
-def describe(run: Run) -> str:
-    return f"{run.path} ({run.label})"
