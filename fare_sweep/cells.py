@@ -99,15 +99,19 @@ def read_done(folder: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def run_cell(cell_dict: dict, out_dir: str, cache_dir: str) -> dict:
+def run_cell(cell_dict: dict, out_dir: str, cache_dir: str, base: str | None = None) -> dict:
     """Compute one cell into ``out_dir/cells/<cell_id>`` (atomic); returns the cell record (cell.json).
 
-    A cell whose folder already exists is not recomputed (its record is returned).
+    Relative ``out_dir``/``cache_dir`` are taken from ``base``, the driver's working directory
+    (default: this process's), since a Ray worker on a cluster node runs in another directory: the
+    worker reads and writes absolute paths, the record keeps the checkpoint path as the driver
+    names it. A cell whose folder already exists is not recomputed (its record is returned).
     """
     from .evaluate import run_lm_eval
 
     cell = Cell.from_dict(cell_dict)
-    cells = Path(out_dir) / "cells"
+    root = Path(base or os.getcwd())
+    cells = root / out_dir / "cells"
     final = cells / cell.cell_id()
     done = read_done(final)
     if done is not None:
@@ -123,14 +127,15 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str) -> dict:
         dtype = resolve_dtype(cell.dtype, device)
         ckpt, compress_s, cached = None, 0.0, False
         if cell.compressed:
-            ckpt, compress_s, cached = ensure_checkpoint(cell, Path(cache_dir), device, dtype)
+            ckpt, compress_s, cached = ensure_checkpoint(cell, root / cache_dir, device, dtype)
         args = model_args(cell, ckpt, device, dtype)
         t1 = time.perf_counter()
         results = run_lm_eval(args, cell.eval, tmp)
         t2 = time.perf_counter()
         record = {
             "format": CELL_FORMAT, "cell_id": cell.cell_id(), "key": cell.key(), "cell": cell.to_dict(),
-            "label": cell.label(), "checkpoint": str(ckpt) if ckpt else None, "checkpoint_cached": cached,
+            "label": cell.label(), "checkpoint": str(checkpoint_dir(cell, Path(cache_dir))) if ckpt else None,
+            "checkpoint_cached": cached,
             "model_args": args, "worker": worker,
             "timings": {"compress": round(compress_s, 3), "evaluate": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
             "results_file": str(next(tmp.glob("*/results_*.json")).relative_to(tmp)),

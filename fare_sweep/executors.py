@@ -85,12 +85,13 @@ def run_local(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recor
         recorder.done(cell, record)
 
 
-def _ray_cell(cell_dict: dict, out_dir: str, cache_dir: str, threads: int) -> dict:
-    """Ray task body (a worker process): torch threads = the CPUs the cell reserved."""
+def _ray_cell(cell_dict: dict, out_dir: str, cache_dir: str, threads: int, base: str) -> dict:
+    """Ray task body (a worker process, whose working directory may not be the driver's ``base``):
+    torch threads = the CPUs the cell reserved."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return run_cell(cell_dict, out_dir, cache_dir)
+    return run_cell(cell_dict, out_dir, cache_dir, base)
 
 
 def _announce_starts(cells, out_dir: Path, recorder: Recorder, seen: set[str]) -> None:
@@ -130,7 +131,8 @@ def run_ray(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recorde
 
     ``address=None`` starts a local cluster on this machine's loopback; otherwise ``ray.init(address)``
     joins an existing cluster (``auto`` on a cluster node, ``ray://head:10001`` for Ray Client), whose
-    workers must see ``out_dir`` and the checkpoint cache (shared filesystem).
+    workers must see ``out_dir`` and the checkpoint cache at the driver's paths (shared filesystem);
+    relative paths are resolved from the driver's working directory, not the worker's.
     """
     ray = import_ray()
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
@@ -145,7 +147,7 @@ def run_ray(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recorde
         for cell in cells:
             res = {"num_cpus": cell.resources.get("num_cpus", 1), "num_gpus": cell.resources.get("num_gpus", 0)}
             ref = remote.options(max_retries=max_retries, **res).remote(
-                cell.to_dict(), str(out_dir), str(cache_dir), int(res["num_cpus"]))
+                cell.to_dict(), str(out_dir), str(cache_dir), int(res["num_cpus"]), os.getcwd())
             pending[ref] = cell
         recorder.log(f"[sweep] {len(cells)} cells submitted to Ray", flush=True)
         seen: set[str] = set()

@@ -172,3 +172,38 @@ def test_kill_resume_index_status_and_truth(tmp_path):
     assert db.execute("SELECT status FROM cells WHERE cell_id=?", (victim,)).fetchone() == ("done",)
     assert sorted(db.execute("SELECT task, metric, filter, value, stderr FROM metrics WHERE cell_id=?",
                              (victim,)).fetchall()) == sorted(metric_rows(results_of(cells / victim)))
+
+
+def test_ray_worker_in_another_directory_gets_paths_that_resolve(tmp_path, monkeypatch):
+    """A Ray worker on a cluster node runs in another working directory than the driver: with a
+    relative --out it still writes the cell into the driver's DIR and loads the checkpoint from there;
+    cell.json keeps the driver's relative checkpoint path; fare_analysis identifies the cell."""
+    from fare_analysis.runs import load_run
+    from fare_compression.checkpoint import MANIFEST
+    from fare_sweep.executors import _ray_cell
+    from fare_sweep.grid import expand
+    from fare_sweep.index import Index
+
+    driver, worker_cwd = tmp_path / "driver", tmp_path / "node"
+    driver.mkdir()
+    worker_cwd.mkdir()
+    grid = {**GRID, "limit": 2, "safety_p": [0.0], "methods": {"magnitude": {"ratio": [0.5]}}}
+    cell = expand(grid).cells[1]
+    assert cell.method == "magnitude"
+    monkeypatch.chdir(worker_cwd)
+    record = _ray_cell(cell.to_dict(), "sweep", "sweep/checkpoints", 1, str(driver))
+    assert list(worker_cwd.iterdir()) == []  # nothing written relative to the worker's own directory
+    assert record["checkpoint"].startswith("sweep/checkpoints/")  # recorded as the driver names it
+    assert (driver / record["checkpoint"] / MANIFEST).is_file()
+    cell_dir = driver / "sweep" / "cells" / cell.cell_id()
+    assert json.loads((cell_dir / "cell.json").read_text()) == record
+    pretrained = results_of(cell_dir)["config"]["model_args"]["pretrained"]
+    assert Path(pretrained) == driver / record["checkpoint"]  # the worker loaded an absolute path
+    monkeypatch.chdir(driver)  # the driver indexes the cell from its own directory
+    index = Index(Path("sweep"))
+    index.add_cells([cell])
+    index.record_done(record, Path("sweep") / "cells" / cell.cell_id())
+    assert [r["checkpoint"] for r in index.rows()] == [record["checkpoint"]]
+    index.close()
+    monkeypatch.chdir(tmp_path)
+    assert load_run(cell_dir).identity["method"] == "magnitude"
