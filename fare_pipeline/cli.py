@@ -23,7 +23,12 @@ def _fail(cmd: str, err: Exception) -> int:
 
 def prompts(argv: list[str]) -> int:
     """``fare prompts --out DIR``: write the seeded demographic prompt set (SPEC section 1)."""
-    from .prompts import AXES, DEFAULT_CONTEXTS_PER_DESCRIPTOR, DEFAULT_VALIDATION_FRACTION, build_prompt_set
+    from .prompts import (
+        AXES,
+        DEFAULT_CONTEXTS_PER_DESCRIPTOR,
+        DEFAULT_VALIDATION_FRACTION,
+        build_prompt_set,
+    )
 
     ap = argparse.ArgumentParser(prog="fare prompts", description="Write the seeded demographic prompt set: 576 "
                                  "neutral prompts and each descriptor inserted into --contexts-per-descriptor of them.")
@@ -46,7 +51,7 @@ def prompts(argv: list[str]) -> int:
         )
     except ValueError as e:
         return _fail("prompts", e)
-    ps.meta["versions"] = _versions()
+    ps.meta["versions"] = versions()
     if args.tokenizer:
         try:
             tok = _load_tokenizer(args.tokenizer)
@@ -69,8 +74,8 @@ def prompts(argv: list[str]) -> int:
 
 def profile(argv: list[str]) -> int:
     """``fare profile --model M --out DIR``: routing extraction + FSP -> phi profile (SPEC sections 2-3)."""
-    from .prompts import PromptSet, build_prompt_set
     from .profiling import TOKEN_MODES, load_model, profile_model
+    from .prompts import PromptSet, build_prompt_set
     from .work import Heartbeat
 
     ap = argparse.ArgumentParser(prog="fare profile", description="Run the prompt set through the model, record its "
@@ -91,7 +96,7 @@ def profile(argv: list[str]) -> int:
                     help="dtype the model is loaded in (default: auto = the checkpoint's)")
     add_fsp_options(ap)
     ap.add_argument("--no-plots", action="store_true", help="skip phi_heatmap.png and jsd_by_axis.png")
-    _progress_flags(ap)
+    add_progress_flags(ap)
     args = ap.parse_args(argv)
     try:
         opts = fsp_options(args)
@@ -103,7 +108,7 @@ def profile(argv: list[str]) -> int:
             out = profile_model(model, tok, ps, args.out, model_id=model_id, split=args.split,
                                 batch_size=args.batch_size, token_mode=args.token_mode, options=opts,
                                 plots=not args.no_plots, progress=bars,
-                                extra_manifest={"revision": args.revision, "versions": _versions()})
+                                extra_manifest={"revision": args.revision, "versions": versions()})
     except (ValueError, FileNotFoundError) as e:
         return _fail("profile", e)
     d = out["result"].descriptors["model"]
@@ -113,10 +118,10 @@ def profile(argv: list[str]) -> int:
     return 0
 
 
-from .run import (  # noqa: E402
-    _progress_flags,
+from .run import (
     ablate,
     add_fsp_options,
+    add_progress_flags,
     contexts,
     fsp_options,
     layers,
@@ -124,7 +129,7 @@ from .run import (  # noqa: E402
     run,
     transfer,
     tune,
-    versions as _versions,
+    versions,
 )
 
 __all__ = ["prompts", "profile", "layers", "tune", "ablate", "transfer", "run"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -40,7 +39,16 @@ import torch
 from fare_core.errors import FareError
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
-from .stages import Ctx, _cmp, key_hash, load_phi, stage, write_json
+from .stages import (
+    Ctx,
+    file_sha,
+    key_hash,
+    load_phi,
+    paired_test,
+    prompts_sha,
+    stage,
+    write_json,
+)
 from .tables import write_table
 
 ARD_ONLY = {"ard": 1.0, "jsd": 0.0, "pmi": 0.0, "ent": 0.0}
@@ -114,20 +122,15 @@ def _ctx_for_seed(ctx: Ctx, seed: int) -> Ctx:
     return ctx if seed == ctx.seed else dataclasses.replace(ctx, seed=seed, _engines={})
 
 
-def _prompts_sha(ps) -> str:
-    return hashlib.sha256("\n".join(json.dumps(p.to_dict(), sort_keys=True) for p in ps.prompts).encode()).hexdigest()[:16]
-
-
 def select_for_seed(ctx: Ctx, out: Path, *, batch_size: int, lam_probe: float, quantile: float, resume: bool) -> dict:
     """prompts -> profile -> AALS for ``ctx.seed`` into ``out/{prompts,profile,layers}`` (resumable)."""
     from .profiling import profile_model
     from .prompts import build_prompt_set
-    from .run import _file_sha
     from .stages import run_layers
 
     ps = build_prompt_set(seed=ctx.seed, contexts_per_descriptor=ctx.sizes.contexts_per_descriptor,
                           validation_fraction=ctx.validation_fraction)
-    k = {**ctx.key(), "prompts": _prompts_sha(ps), "stage": "prompts"}
+    k = {**ctx.key(), "prompts": prompts_sha(ps), "stage": "prompts"}
 
     def prompts_fn(d):
         ps.write(d)
@@ -141,7 +144,7 @@ def select_for_seed(ctx: Ctx, out: Path, *, batch_size: int, lam_probe: float, q
         resume=resume, log=ctx.log, heartbeat=ctx.heartbeat)
     phi, pl = load_phi(ctx, out / "profile" / "phi.safetensors")
     k = {**k, "stage": "layers", "lam_probe": lam_probe, "quantile": quantile,
-         "phi": _file_sha(out / "profile" / "phi.safetensors")}
+         "phi": file_sha(out / "profile" / "phi.safetensors")}
     aals = stage(out / "layers", k, lambda d: run_layers(ctx, phi, pl, ps, d, lam_probe=lam_probe, quantile=quantile),
                  resume=resume, log=ctx.log, heartbeat=ctx.heartbeat)
     return {"prompt_set": ps, "phi": phi, "profile_layers": pl, "aals": aals, "key": k}
@@ -181,31 +184,24 @@ def _tests_table(tests: list[dict], stem: Path, title: str) -> list[dict]:
 def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle: list[int],
                seeds: dict, out: Path) -> dict:
     """Checks (a)-(d): one scoring call per split, tables with paired tests (BH within each check)."""
-    from fare_models.surgery import ExpertMask, RoutingController
+    from fare_models.surgery import RoutingController
 
     from .engine import make_arr, make_mask
-    from .stages import _metrics
+    from .stages import mask_ok, split_metrics
 
     phi, pl, ps, sel = main["phi"], main["profile_layers"], main["prompt_set"], list(main["aals"]["selected"])
     arr = lambda p, layers: make_arr(ctx.model, p, lam, layers, pl, ctx.arr_target)
     ctl = RoutingController.of(ctx.model)
     room = {m.index: m.num_experts - m.top_k for m in ctl.layers}
 
-    # (c) matched perplexity on the validation split
-    def maskable(pairs) -> bool:  # ExpertMask refuses sets the router cannot route around
-        try:
-            ExpertMask(ctx.model, pairs)
-        except FareError:
-            return False
-        return True
-
-    grid = mask_grid(phi, pl, sel, room, maskable)
+    # (c) matched perplexity on the validation split; ExpertMask refuses sets the router cannot route around
+    grid = mask_grid(phi, pl, sel, room, lambda pairs: mask_ok(ctx.model, pairs))
     if not grid:
         raise FareError(f"layers {sel} leave no expert to mask (every layer, and routing group, must keep enough)")
     veng, vev = ctx.engine("validation", ps, tqa=False)
     vcfg = [("base", None, None), ("arr", arr(phi, sel), min(sel))]
     vcfg += [(f"mask{n}", make_mask(ctx.model, pairs), min(layer for layer, _ in pairs)) for n, pairs in grid]
-    vm = {k: _metrics(vev, v) for k, v in veng.score(vcfg, desc="robustness: masking grid").items()}
+    vm = {k: split_metrics(vev, v) for k, v in veng.score(vcfg, desc="robustness: masking grid").items()}
     ppl_mask = {n: vm[f"mask{n}"]["ppl"] for n, _ in grid}
     n_star = matched_n(ppl_mask, vm["arr"]["ppl"])
     masked = dict(grid)[n_star]
@@ -219,7 +215,7 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
     eng, ev = ctx.engine("test", ps, tqa=True)
     cfg = [("base", None, None), ("fare", arr(phi, sel), min(sel)), ("ard", arr(phi_ard, sel), min(sel)),
            ("middle", arr(phi, middle), min(middle)), ("mask", make_mask(ctx.model, masked), min(lay for lay, _ in masked))]
-    m = {k: _metrics(ev, v) for k, v in eng.score(cfg, desc="robustness: test split").items()}
+    m = {k: split_metrics(ev, v) for k, v in eng.score(cfg, desc="robustness: test split").items()}
     b = m["base"]
     gap = lambda x: abs(x - 0.5)
     row = lambda label, k, **extra: {
@@ -234,10 +230,10 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
          row("ARD only (Eq. 1)", "ard", profile="ard")]
     write_table(t, out / "robustness_a_profile", digits=4,
                 title=f"5.5(a) ARD-only vs composite profile: ARR at {lam_label} on AALS layers {sel} ({n_items})")
-    tables["a"] = _tests_table([_cmp(b["crows_items"], m["fare"]["crows_items"], "composite vs base: crows", ctx),
-                                _cmp(b["crows_items"], m["ard"]["crows_items"], "ARD-only vs base: crows", ctx),
-                                _cmp(m["fare"]["crows_items"], m["ard"]["crows_items"], "ARD-only vs composite: crows", ctx),
-                                _cmp(m["fare"]["tqa_items"], m["ard"]["tqa_items"], "ARD-only vs composite: tqa", ctx)],
+    tables["a"] = _tests_table([paired_test(b["crows_items"], m["fare"]["crows_items"], "composite vs base: crows", ctx),
+                                paired_test(b["crows_items"], m["ard"]["crows_items"], "ARD-only vs base: crows", ctx),
+                                paired_test(m["fare"]["crows_items"], m["ard"]["crows_items"], "ARD-only vs composite: crows", ctx),
+                                paired_test(m["fare"]["tqa_items"], m["ard"]["tqa_items"], "ARD-only vs composite: tqa", ctx)],
                                out / "robustness_a_tests", "5.5(a) paired tests (mean_b - mean_a; BH within (a))")
 
     # (b) layers + seeds
@@ -246,10 +242,10 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
     write_table(t, out / "robustness_b_layers", digits=4,
                 title=f"5.5(b) AALS vs fixed middle layers: ARR at {lam_label}, composite phi ({n_items})"
                       + (" - the middle window equals the AALS selection" if middle == sel else ""))
-    tables["b"] = _tests_table([_cmp(b["crows_items"], m["fare"]["crows_items"], "AALS vs base: crows", ctx),
-                                _cmp(b["crows_items"], m["middle"]["crows_items"], "middle vs base: crows", ctx),
-                                _cmp(m["middle"]["crows_items"], m["fare"]["crows_items"], "AALS vs middle: crows", ctx),
-                                _cmp(m["middle"]["tqa_items"], m["fare"]["tqa_items"], "AALS vs middle: tqa", ctx)],
+    tables["b"] = _tests_table([paired_test(b["crows_items"], m["fare"]["crows_items"], "AALS vs base: crows", ctx),
+                                paired_test(b["crows_items"], m["middle"]["crows_items"], "middle vs base: crows", ctx),
+                                paired_test(m["middle"]["crows_items"], m["fare"]["crows_items"], "AALS vs middle: crows", ctx),
+                                paired_test(m["middle"]["tqa_items"], m["fare"]["tqa_items"], "AALS vs middle: tqa", ctx)],
                                out / "robustness_b_tests", "5.5(b) paired tests (mean_b - mean_a; BH within (b))")
     stab = seed_stability({s: v["selected"] for s, v in seeds.items()})
     write_table([{"seed": s, "selected": v["selected"], f"jaccard_vs_seed_{ctx.seed}": jaccard(v["selected"], sel),
@@ -268,9 +264,9 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
     write_table(t, out / "robustness_c_soft_vs_hard", digits=4,
                 title=f"5.5(c) soft reweighting (ARR at {lam_label}) vs hard masking at matched perplexity "
                       f"(n* matched on the validation split; layers {sel}; {n_items})")
-    tables["c"] = _tests_table([_cmp(b["crows_items"], m["fare"]["crows_items"], "ARR vs base: crows", ctx),
-                                _cmp(b["crows_items"], m["mask"]["crows_items"], "masking vs base: crows", ctx),
-                                _cmp(m["mask"]["crows_items"], m["fare"]["crows_items"], "ARR vs masking: crows", ctx)],
+    tables["c"] = _tests_table([paired_test(b["crows_items"], m["fare"]["crows_items"], "ARR vs base: crows", ctx),
+                                paired_test(b["crows_items"], m["mask"]["crows_items"], "masking vs base: crows", ctx),
+                                paired_test(m["mask"]["crows_items"], m["fare"]["crows_items"], "ARR vs masking: crows", ctx)],
                                out / "robustness_c_tests", "5.5(c) paired tests (mean_b - mean_a; BH within (c))")
 
     # (d) length-matched CrowS
@@ -283,7 +279,7 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
         d_rows.append({"subset": subset, "n": int(idx.sum()), "crows_base": float(b["crows_items"][idx].mean()),
                        "crows_fare": float(m["fare"]["crows_items"][idx].mean()),
                        "delta_pp": 100 * float(m["fare"]["crows_items"][idx].mean() - b["crows_items"][idx].mean())})
-        d_tests.append(_cmp(b["crows_items"][idx], m["fare"]["crows_items"][idx], f"FARE vs base: crows, {subset}", ctx))
+        d_tests.append(paired_test(b["crows_items"][idx], m["fare"]["crows_items"][idx], f"FARE vs base: crows, {subset}", ctx))
     write_table(d_rows, out / "robustness_d_length_matched", digits=4,
                 title=f"5.5(d) CrowS-Pairs, all test pairs vs the length-matched ones (equal token counts under the "
                       f"model's tokenizer); ARR at {lam_label} on layers {sel}")
@@ -333,10 +329,10 @@ def write_report(out: Path, manifest: dict) -> Path:
 
 def robustness(argv: list[str]) -> int:
     """``fare robustness --model M --out DIR``: the four design-choice checks of section 5.5 with paired tests."""
-    from .run import _common
+    from .run import add_common_flags
 
     ap = argparse.ArgumentParser(prog="fare robustness", description=robustness.__doc__)
-    _common(ap, sizes=SIZES, random_seeds=False)
+    add_common_flags(ap, sizes=SIZES, random_seeds=False)
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the AALS stability check (from --seed on)")
     ap.add_argument("--middle-layers", type=int, default=None,
                     help="size of the fixed middle-layer window (default: as many layers as AALS selects)")
@@ -370,7 +366,7 @@ def _ours(name: str) -> bool:
 def _robustness(args) -> int:
     from fare_models.surgery import RoutingController
 
-    from .run import _ctx, _file_sha, versions
+    from .run import load_ctx, versions
     from .stages import run_tune
 
     out, resume, t0 = Path(args.out), not args.no_resume, time.perf_counter()
@@ -378,7 +374,7 @@ def _robustness(args) -> int:
     if (out.exists() and not out.is_dir()) or foreign:
         raise FareError(f"--out {str(out)!r} holds {foreign[0] if foreign else 'a file'!r}, which is not part of a "
                         "fare robustness folder; choose a new or empty folder")
-    ctx = _ctx(args)  # an unloadable --model is a one-line FareError (profiling.load_model)
+    ctx = load_ctx(args)  # an unloadable --model is a one-line FareError (profiling.load_model)
     if args.middle_layers is not None:
         middle_layers(ctx.moe_layers, args.middle_layers)  # a bad window size fails before any compute
     run = {"resume": resume, "log": ctx.log, "heartbeat": ctx.heartbeat}  # stage() options
@@ -408,7 +404,7 @@ def _robustness(args) -> int:
     seed_sel = {s: {**runs[s]["aals"], "fallback": bool(json.loads(
         (out / f"seed_{s}" / "layers" / "aals.json").read_text()).get("fallback", False))} for s in seeds}
     k_chk = {**k_tune, "stage": "checks", "lambda": lam, "middle": middle, "control_lambda": args.control_lambda,
-             "ard_phi": _file_sha(out / "ard_profile" / "phi.safetensors"),
+             "ard_phi": file_sha(out / "ard_profile" / "phi.safetensors"),
              "seed_keys": {str(s): key_hash(runs[s]["key"]) for s in seeds}}
     res = stage(out / "checks", k_chk, lambda d: run_checks(ctx, main, phi_ard, lam, lam_label, middle, seed_sel, d),
                 **run)

@@ -23,7 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
-from .stages import Ctx, Sizes, key_hash, load_phi, stage, write_json
+from .stages import (
+    Ctx,
+    Sizes,
+    file_sha,
+    key_hash,
+    load_phi,
+    prompts_sha,
+    stage,
+    write_json,
+)
 
 
 def versions() -> dict:
@@ -119,8 +128,8 @@ def _show(value) -> str:
     return "all" if value is None else str(value)
 
 
-def _common(ap: argparse.ArgumentParser, out_required: bool = True, sizes: tuple = STAGE_SIZES["run"],
-            scoring: bool = True, random_seeds: bool = True) -> None:
+def add_common_flags(ap: argparse.ArgumentParser, out_required: bool = True, sizes: tuple = STAGE_SIZES["run"],
+                     scoring: bool = True, random_seeds: bool = True) -> None:
     """Flags every pipeline command shares, the size flags of ``sizes``, (``scoring``) the log-likelihood
     scoring flags and (``random_seeds``) ``--random-seeds``."""
     full, quick = Sizes(), Sizes.quick()
@@ -158,11 +167,12 @@ def _common(ap: argparse.ArgumentParser, out_required: bool = True, sizes: tuple
     ap.add_argument("--arr-target", default="logits", choices=["logits", "selection"],
                     help="ARR on the router logits (Eq. 6, default) or on the selection score (routers that add a "
                          "correction bias after the score function: ERNIE-4.5, DeepSeek-V3)")
-    _progress_flags(ap)
+    add_progress_flags(ap)
     ap.add_argument("--no-resume", action="store_true", help="recompute stages even when their outputs match")
 
 
-def _progress_flags(ap: argparse.ArgumentParser) -> None:
+def add_progress_flags(ap: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` / ``--progress-interval`` (read by :func:`progress_mode`)."""
     ap.add_argument("--progress", action="store_true", help="progress bars (default: when stderr is a terminal)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bars; progress lines every --progress-interval seconds instead (the default "
@@ -194,7 +204,8 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _ctx(args) -> Ctx:
+def load_ctx(args) -> Ctx:
+    """Load ``--model`` (progress lines while it loads) and the run settings of the flags of :func:`add_common_flags`."""
     from fare_models.surgery import RoutingController
 
     from .profiling import load_model
@@ -314,12 +325,6 @@ def _fail(cmd: str, err: Exception) -> int:
     return 2
 
 
-def _file_sha(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def _upstream(args) -> dict:
     """Inputs of a single-stage command for its stage key (file contents, not only paths)."""
     out = {k: str(getattr(args, k)) for k in ("select", "lam") if getattr(args, k, None) is not None}
@@ -327,7 +332,7 @@ def _upstream(args) -> dict:
         p = getattr(args, k, None)
         if p is not None:
             p = Path(p) / name if name and Path(p).is_dir() else Path(p)
-            out[k] = _file_sha(p) if p.is_file() else str(p)
+            out[k] = file_sha(p) if p.is_file() else str(p)
     return out
 
 
@@ -337,7 +342,7 @@ def _upstream(args) -> dict:
 def _stage_parser(prog: str, description: str, sizes: tuple, scoring: bool = True,
                   prompts: bool = True) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description)
-    _common(ap, sizes=sizes, scoring=scoring, random_seeds="mask_n" in sizes)
+    add_common_flags(ap, sizes=sizes, scoring=scoring, random_seeds="mask_n" in sizes)
     ap.add_argument("--profile", required=True, type=Path, help="phi.safetensors written by fare profile")
     ap.add_argument("--profile-check", default="model", choices=["model", "shape"],
                     help="model (default): the profile must be of this model; shape: any checkpoint of the same shape")
@@ -382,7 +387,7 @@ def layers(argv: list[str]) -> int:
 
     def body():
         ps = _prompt_set(args)
-        ctx = _ctx(args)
+        ctx = load_ctx(args)
         phi, pl = load_phi(ctx, args.profile, args.profile_check == "model")
         key = {**ctx.key(), "stage": "layers", "lam_probe": args.lam_probe, "quantile": args.quantile, **_upstream(args)}
         res = stage(args.out, key, lambda d: run_layers(ctx, phi, pl, ps, d, lam_probe=args.lam_probe,
@@ -411,7 +416,7 @@ def tune(argv: list[str]) -> int:
     def body():
         sel = _selected(args)
         ps = _prompt_set(args)
-        ctx = _ctx(args)
+        ctx = load_ctx(args)
         phi, pl = load_phi(ctx, args.profile, args.profile_check == "model")
         key = {**ctx.key(), "stage": "tune", "grid": args.grid, "beta": args.beta, "lambda_max": args.lambda_max,
                "selected": sel, **_upstream(args)}
@@ -439,7 +444,7 @@ def ablate(argv: list[str]) -> int:
     def body():
         sel, lam = _selected(args), _lambda_star(args)
         ps = _prompt_set(args)
-        ctx = _ctx(args)
+        ctx = load_ctx(args)
         phi, pl = load_phi(ctx, args.profile, args.profile_check == "model")
         desc = args.profile.parent / "fsp_descriptors.json"
         prof = json.loads(desc.read_text())["descriptors"] if desc.is_file() else None
@@ -475,7 +480,7 @@ def transfer(argv: list[str]) -> int:
         if bad or not protocols:
             raise ValueError(f"protocols={args.protocols!r}; allowed: a comma-separated subset of {', '.join(PROTOCOLS)}")
         sel, lam = _selected(args), _lambda_star(args)
-        ctx = _ctx(args)
+        ctx = load_ctx(args)
         phi, pl = load_phi(ctx, args.profile, args.profile_check == "model")
         key = {**ctx.key(), "stage": "transfer", "selected": sel, "lambda_star": lam, "protocols": protocols,
                "control_lambda": args.control_lambda, **_upstream(args)}
@@ -512,7 +517,7 @@ def run_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fare run", description="The whole FARE pipeline (prompts, profile, AALS layers, lambda*, test evaluation, "
         "ablations, generation transfer) and a report of the paper's Tables 2-8 in --out/report.")
-    _common(ap)
+    add_common_flags(ap)
     ap.add_argument("--prompts", type=Path, default=None,
                     help="prompt set folder written by fare prompts (default: built from --seed)")
     ap.add_argument("--axes", default=None, help="comma-separated subset of the nine demographic axes (default: all)")
@@ -573,19 +578,23 @@ def _run(args) -> int:
     out = Path(args.out)
     ps = _prompt_set(args)  # validates axes / emptiness before the model loads
     timed = _StageLog()
-    ctx = timed("load_model", lambda: _ctx(args))
+    ctx = timed("load_model", lambda: load_ctx(args))
     timed.counter = LayerWork(ctx.model)
     with timed.counter:
         return _stages(args, ctx, ps, out, timed)
 
 
 def _stages(args, ctx: Ctx, ps, out: Path, timed: _StageLog) -> int:
-    import hashlib
-
     from fare_models.surgery import RoutingController
 
     from .profiling import profile_model
-    from .stages import intervention_lambda, run_ablate, run_evaluate, run_layers, run_tune
+    from .stages import (
+        intervention_lambda,
+        run_ablate,
+        run_evaluate,
+        run_layers,
+        run_tune,
+    )
     from .transfer import PROTOCOLS, run_transfer
 
     resume = not args.no_resume
@@ -595,8 +604,7 @@ def _stages(args, ctx: Ctx, ps, out: Path, timed: _StageLog) -> int:
         return timed(name, lambda: stage(out / name, key, fn, resume=resume, log=ctx.log, heartbeat=ctx.heartbeat,
                                          status=timed.status))
 
-    prompts_sha = hashlib.sha256("\n".join(json.dumps(p.to_dict(), sort_keys=True) for p in ps.prompts).encode()).hexdigest()
-    base_key = {**ctx.key(), "prompts": prompts_sha[:16], "n_prompts": len(ps.prompts), "prompt_seed": ps.meta.get("seed")}
+    base_key = {**ctx.key(), "prompts": prompts_sha(ps), "n_prompts": len(ps.prompts), "prompt_seed": ps.meta.get("seed")}
 
     def prompts_fn(d):
         ps.write(d)
@@ -617,7 +625,7 @@ def _stages(args, ctx: Ctx, ps, out: Path, timed: _StageLog) -> int:
     phi, pl = load_phi(ctx, out / "profile" / "phi.safetensors")
 
     k_layers = {**k_profile, "stage": "layers", "lam_probe": args.lam_probe, "quantile": args.quantile,
-                "phi": _file_sha(out / "profile" / "phi.safetensors")}
+                "phi": file_sha(out / "profile" / "phi.safetensors")}
     run_stage("layers", k_layers, lambda d: run_layers(ctx, phi, pl, ps, d, lam_probe=args.lam_probe,
                                                        quantile=args.quantile))
     aals = json.loads((out / "layers" / "aals.json").read_text())

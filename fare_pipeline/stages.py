@@ -50,6 +50,17 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_sha(path) -> str:
+    """First 16 hex digits of a file's SHA-256 (an input file's contents in a stage key)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def prompts_sha(prompt_set) -> str:
+    """First 16 hex digits of the SHA-256 of a prompt set's prompts (its identity in a stage key)."""
+    text = "\n".join(json.dumps(p.to_dict(), sort_keys=True) for p in prompt_set.prompts)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True) + "\n")
     return path
@@ -265,7 +276,8 @@ def lambda_label(lam: float, lambda_star: float | None) -> str:
     return f"lambda={lam:g} ({other})"
 
 
-def _metrics(ev, ll: np.ndarray) -> dict:
+def split_metrics(ev, ll: np.ndarray) -> dict:
+    """Per-item CrowS preferences, perplexity and (when scored) TruthfulQA MC1 of one configuration's log-likelihoods."""
     out = {"crows_items": pair_prefers(ll, ev.crows_rows), "ppl": perplexity(ll, ev.ppl_rows, ev.n_scored)}
     out["pref"] = float(out["crows_items"].mean())
     lm = ev.crows_length_matched
@@ -287,7 +299,7 @@ def aals_probes(model, engine: Engine, ev, phi, profile_layers=None, *, lam_prob
     moe = [m.index for m in RoutingController.of(model).layers]
     configs = [("base", None, None)] + [(str(i), make_arr(model, phi, lam_probe, [i], profile_layers, target), i) for i in moe]
     ll = engine.score(configs, desc="AALS probes")
-    m = {name: _metrics(ev, v) for name, v in ll.items()}
+    m = {name: split_metrics(ev, v) for name, v in ll.items()}
     res = aals_from_probes(moe, m["base"]["pref"], m["base"]["ppl"], [m[str(i)]["pref"] for i in moe],
                            [m[str(i)]["ppl"] for i in moe], quantile=quantile)
     return res, m
@@ -328,7 +340,7 @@ def run_tune(ctx: Ctx, phi, profile_layers, selected: Sequence[int], prompt_set,
         for lam in grid if lam != 0.0]
     before = eng.counts()
     ll = eng.score(configs, desc="lambda grid")
-    m = {name: _metrics(ev, v) for name, v in ll.items()}
+    m = {name: split_metrics(ev, v) for name, v in ll.items()}
     key = lambda lam: "base" if lam == 0.0 else repr(lam)
     op = select_lambda(grid, [m[key(x)]["pref"] for x in grid], [m[key(x)]["ppl"] for x in grid],
                        ppl_base=m["base"]["ppl"], beta=beta, lambda_max=lambda_max)
@@ -348,7 +360,8 @@ def _pct(x: float) -> float:
     return 100.0 * x
 
 
-def _cmp(base_items, items, name, ctx: Ctx) -> dict:
+def paired_test(base_items, items, name, ctx: Ctx) -> dict:
+    """Paired permutation test + bootstrap CI (SPEC section 9) at the run's sizes and seed."""
     from fare_analysis.stats import paired_comparison
 
     return paired_comparison(base_items, items, name=name, n_permutations=ctx.sizes.n_permutations,
@@ -369,7 +382,7 @@ def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_se
         configs.append(("fare", make_arr(ctx.model, phi, lambda_star, selected, profile_layers, ctx.arr_target),
                         min(selected)))
     ll = eng.score(configs, desc="test evaluation")
-    m = {k: _metrics(ev, v) for k, v in ll.items()}
+    m = {k: split_metrics(ev, v) for k, v in ll.items()}
     write_table([{"pair_id": pid, "length_matched": bool(lm), **{k: float(m[k]["crows_items"][i]) for k in m}}
                  for i, (pid, lm) in enumerate(zip(ev.crows_ids, ev.crows_length_matched))], out / "per_item_crows")
     write_table([{"question": q, **{k: float(m[k]["tqa_items"][i]) for k in m}} for i, q in enumerate(ev.tqa_ids)],
@@ -378,8 +391,8 @@ def run_evaluate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_se
     nan = {"pref": None, "tqa": None, "pref_length_matched": None, "ppl": None}
     tests = []
     if lambda_star is not None:
-        tests = bh_family([_cmp(m["base"]["crows_items"], fare["crows_items"], "crows_pref", ctx),
-                           _cmp(m["base"]["tqa_items"], fare["tqa_items"], "tqa_acc", ctx)])
+        tests = bh_family([paired_test(m["base"]["crows_items"], fare["crows_items"], "crows_pref", ctx),
+                           paired_test(m["base"]["tqa_items"], fare["tqa_items"], "tqa_acc", ctx)])
         write_table(tests, out / "tests", digits=4, title="Paired tests, FARE vs base (test split)")
     p = {t["name"]: t for t in tests}
     fare = fare if fare is not None else nan  # no feasible lambda*: only the baseline is reported
@@ -410,7 +423,7 @@ def _clamp_mask_n(ctx: Ctx, n: int, layers: Sequence[int]) -> int:
     return max(1, min(n, room))
 
 
-def _mask_ok(model, pairs) -> bool:
+def mask_ok(model, pairs) -> bool:
     """Whether ExpertMask accepts ``pairs`` (top_k experts left per layer, 2 per routing group)."""
     from fare_models.surgery import ExpertMask
 
@@ -469,14 +482,14 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
     n_mask = n_asked = _clamp_mask_n(ctx, sizes.mask_n, selected)
     while True:  # group-limited routers (DeepSeek-V2/V3): every routing group must keep 2 unmasked experts
         ms = C.mask_sets(phi, profile_layers, selected, n=n_mask, random_draws=n_random, seed=ctx.seed)
-        if n_mask == 1 or all(_mask_ok(ctx.model, p) for p in [ms["top"], ms["bottom"], *ms["random"]]):
+        if n_mask == 1 or all(mask_ok(ctx.model, p) for p in [ms["top"], ms["bottom"], *ms["random"]]):
             break
         n_mask -= 1
     mask_cfgs = {"top": ms["top"], "bottom": ms["bottom"], **{f"random{i}": d for i, d in enumerate(ms["random"])}}
     for name, pairs in mask_cfgs.items():
         configs.append((f"mask_{name}", make_mask(ctx.model, pairs), min(l for l, _ in pairs)))
     ll = eng.score(configs, desc="ablations")
-    m = {k: _metrics(ev, v) for k, v in ll.items()}
+    m = {k: split_metrics(ev, v) for k, v in ll.items()}
     b = m["base"]
     d = lambda k, x: _pct(m[k][x] - b[x])
 
@@ -520,7 +533,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
             continue
         items = np.mean([m[k]["crows_items"] for k in keys], axis=0)
         tqa_items = np.mean([m[k]["tqa_items"] for k in keys], axis=0)
-        tests += [_cmp(b["crows_items"], items, f"{label}: crows", ctx), _cmp(b["tqa_items"], tqa_items, f"{label}: tqa", ctx)]
+        tests += [paired_test(b["crows_items"], items, f"{label}: crows", ctx), paired_test(b["tqa_items"], tqa_items, f"{label}: tqa", ctx)]
         t8.append({"method": label, "crows": float(items.mean()), "tqa": float(tqa_items.mean()),
                    "ppl": float(np.mean([m[k]["ppl"] for k in keys])),
                    "n_experts": int(n_exp if n_exp is not None else sum(int((phi[profile_layers.index(i)] > 0).sum()) for i in selected))})
@@ -531,7 +544,7 @@ def run_ablate(ctx: Ctx, phi, profile_layers, selected, lambda_star, prompt_set,
                         crows_context=deb_ctx)
     deb_eng = Engine(ctx.model, ctx.tokenizer, deb.requests, mode=ctx.engine_mode, batch_tokens=ctx.batch_tokens, keep=False)
     deb_items = pair_prefers(deb_eng.score([("base", None, None)])["base"], deb.crows_rows)
-    tests.append(_cmp(b["crows_items"], deb_items, "Prompt debiasing: crows", ctx))
+    tests.append(paired_test(b["crows_items"], deb_items, "Prompt debiasing: crows", ctx))
     t8.append({"method": "Prompt debiasing", "crows": float(deb_items.mean()), "tqa": None, "ppl": None, "n_experts": 0})
     tests = bh_family(tests)
     write_table(t8, out / "table8_expert_identification", digits=3,
