@@ -18,6 +18,8 @@ from pathlib import Path
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
+from .runs import FARE_RUN_MANIFEST
+
 #: Table stems copied row-wise from each run's report (one row per model), with their titles.
 REPORT_TABLES = {
     "table3_architecture": "Table 3: routing descriptors and delta CrowS of FARE, all models",
@@ -78,7 +80,7 @@ def write_table(rows: Sequence[dict], stem: Path, columns: Sequence[str] | None 
 
 def is_fare_run(path: Path) -> bool:
     """A ``fare run --out`` folder (it has the report manifest written by the report stage)."""
-    return (Path(path) / "report" / "manifest.json").is_file()
+    return (Path(path) / FARE_RUN_MANIFEST).is_file()
 
 
 def _read_json(path: Path) -> dict:
@@ -138,7 +140,7 @@ def _shared_experts(config: dict) -> int:
 
 def model_config_row(run: Path) -> dict:
     """Table 1 row: experts per layer, top-k, shared experts, MoE layers, parameters."""
-    manifest = _read_json(run / "report" / "manifest.json")
+    manifest = _read_json(run / FARE_RUN_MANIFEST)
     routing_path = run / "profile" / "routing" / "routing.json"
     routing = _read_json(routing_path) if routing_path.is_file() else {}
     top_k = sorted(set(routing.get("top_k") or []))
@@ -184,11 +186,11 @@ def build_fare_tables(runs: Sequence[Path], out: Path) -> dict[str, Path]:
         if rows:
             paths[stem] = write_table(rows, out / stem, digits=2 if stem.startswith("table5") else 3, title=title)[0]
     curves = []
-    for r in runs:
+    for r, row in zip(runs, t1):
         f = r / "report" / "aals.csv"  # layer, delta_bias, delta_ppl, R, selected (AALS, Eq. 5)
         if f.is_file():
             a = _read_csv(f)
-            curves.append((_read_json(r / "report" / "manifest.json")["model"], [int(x["layer"]) for x in a],
+            curves.append((row["model"], [int(x["layer"]) for x in a],
                            [float(x["R"]) for x in a], [int(x["layer"]) for x in a if x["selected"] == "True"]))
     if curves:
         paths["fig3_aals_ratio"] = plots.aals_curves(curves, out / "fig3_aals_ratio.png")

@@ -45,7 +45,7 @@ from fare_core.files import atomic_write
 from . import html, plots
 from .fare_tables import build_fare_tables, write_table
 from .instability import instability_tables
-from .runs import Run, load_run, make_label
+from .runs import IDENTITY_KEYS, Run, load_run, make_label
 from .stats import DEFAULT_BOOTSTRAP, DEFAULT_PERMUTATIONS, bh_family
 
 #: Headline metrics per task (all others stay in comparisons.csv); tasks not listed show the
@@ -66,7 +66,6 @@ HEADLINE = {
 MARKER = "leaderboard.json"
 CACHE = "cache"  # per-run comparison results (JSON, keyed by cache_key) for resuming
 CACHE_FORMAT = 1
-IDENTITY_KEYS = ("model", "revision", "method", "method_params", "p", "intervention", "lam", "layers", "mask")
 
 
 @dataclass
