@@ -187,6 +187,13 @@ def refuse_overwrite(out: Path | None, names, overwrite: bool) -> None:
                         "another --out")
 
 
+def require_positive(**counts) -> None:
+    """One-line FareError naming the first count (resamples, jobs) that is not a positive integer."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FareError(f"{name}={value!r}; allowed: a positive integer")
+
+
 def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
                  n_bootstrap: int = DEFAULT_BOOTSTRAP, n_agg_permutations: int = DEFAULT_AGG_PERMUTATIONS,
                  strict: bool = False, allow_other_model: bool = False, n_jobs: int = 1, progress=None,
@@ -197,6 +204,8 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
     ``metrics`` (``task/metric`` names; ``task/metric`` covers every filter of ``metric``) restricts
     the comparison to those metrics: the others are skipped silently (neither rows nor not_compared),
     the rows kept are the ones an unrestricted comparison gives."""
+    require_positive(n_permutations=n_permutations, n_bootstrap=n_bootstrap, n_agg_permutations=n_agg_permutations,
+                     n_jobs=n_jobs)
     base, run = as_run(base), as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     wanted = None if metrics is None else frozenset(metrics)
@@ -393,9 +402,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace comparison.csv/.md already in --out")
     args = ap.parse_args(argv)
     refuse_overwrite(args.out, ("comparison.csv", "comparison.md"), args.overwrite)
-    for flag in ("permutations", "agg_permutations", "bootstrap", "jobs"):
-        if getattr(args, flag) < 1:
-            raise FareError(f"--{flag.replace('_', '-')}={getattr(args, flag)}; allowed: a positive integer")
+    require_positive(**{f"--{flag.replace('_', '-')}": getattr(args, flag)
+                        for flag in ("permutations", "agg_permutations", "bootstrap", "jobs")})
     cmp = compare_runs(args.base, args.run, seed=args.seed, n_permutations=args.permutations,
                        n_bootstrap=args.bootstrap, n_agg_permutations=args.agg_permutations, strict=args.strict,
                        allow_other_model=args.allow_other_model, n_jobs=args.jobs,

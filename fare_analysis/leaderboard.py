@@ -575,6 +575,10 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
     Returns ``{name: path}`` of every file written (leaderboard_csv, leaderboard_md, index_html,
     instability_csv, comparisons_csv, the plots and FARE tables).
     """
+    from .compare import require_positive
+
+    counts = {"n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "n_jobs": n_jobs}
+    require_positive(**counts, **({} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}))
     out = Path(out)
     entries, fare_runs = plan(runs, baselines)
     cols = headline_metrics(entries, metrics) if any(e.role == "run" for e in entries) else []
@@ -655,6 +659,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing leaderboard folder")
     ap.add_argument("--title", default="fare leaderboard")
     args = ap.parse_args(argv)
+    from .compare import require_positive
+
+    require_positive(**{f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in ("permutations", "bootstrap", "jobs")},
+                     **({} if args.agg_permutations is None else {"--agg-permutations": args.agg_permutations}))
     paths = build_leaderboard(args.runs, args.baseline, args.out,
                               metrics=[m for m in (args.metrics or "").split(",") if m] or None, seed=args.seed,
                               n_permutations=args.permutations, n_bootstrap=args.bootstrap,

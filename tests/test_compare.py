@@ -159,6 +159,15 @@ def test_unpaired_items_warn_with_counts_and_strict_refuses(tmp_path):
         compare_runs(tmp_path / "base", tmp_path / "run", strict=True)
 
 
+def test_a_resample_count_below_one_is_refused_not_turned_into_not_compared_rows(tmp_path):
+    write_run(tmp_path / "base", {"fare_crows_pairs": _crows_prefs([1, 0] * 3)})
+    write_run(tmp_path / "run", {"fare_crows_pairs": _crows_prefs([0, 0] * 3)})
+    for kw in ({"n_permutations": 0}, {"n_bootstrap": -1}, {"n_agg_permutations": 0}, {"n_jobs": 0}):
+        (name, value), = kw.items()
+        with pytest.raises(FareError, match=rf"^{name}={value}; allowed: a positive integer$"):
+            compare_runs(tmp_path / "base", tmp_path / "run", **kw)
+
+
 def test_settings_that_change_numbers_are_named_in_one_warning(tmp_path):
     write_run(tmp_path / "base", {"fare_xstest": [xstest_item(0, True)]}, batch_size="8", limit=None)
     write_run(tmp_path / "run", {"fare_xstest": [xstest_item(0, True, judge="llm")]}, batch_size="16", limit=10.0,

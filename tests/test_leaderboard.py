@@ -289,6 +289,11 @@ def test_different_tasks_empty_folder_no_samples_and_two_baselines(study, tmp_pa
         build_leaderboard([study["run_b"]], [study["base_olmoe"], other], tmp_path / "o", **FAST)
     with pytest.raises(FareError, match=r"--metrics 'fare_bbq_1k/nope'"):
         build_leaderboard([study["run_b"]], [study["base_olmoe"]], tmp_path / "o", metrics=["fare_bbq_1k/nope"])
+    with pytest.raises(FareError, match=r"^n_agg_permutations=0; allowed: a positive integer$"):
+        build_leaderboard([study["run_b"]], [study["base_olmoe"]], tmp_path / "o", **{**FAST, "n_agg_permutations": 0})
+    with pytest.raises(FareError, match=r"^--permutations=0; allowed: a positive integer$"):
+        main([str(study["run_b"]), "--baseline", str(study["base_olmoe"]), "--out", str(tmp_path / "o"),
+              "--permutations", "0"])
     assert not (tmp_path / "o").exists()
 
 
