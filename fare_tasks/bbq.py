@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from functools import partial
 
+from fare_core.errors import FareError
 from fare_tasks import data
 from fare_tasks.metrics import bbq_scores
 
@@ -55,11 +56,6 @@ def target_metadata() -> dict[tuple[str, str, int], tuple[int, str]]:
     return out
 
 
-def target_locations() -> dict[tuple[str, str, int], int]:
-    """(category, question_index, example_id) -> target_loc (-1 for NA), duplicates dropped."""
-    return {key: loc for key, (loc, _) in target_metadata().items()}
-
-
 def metadata_summary() -> dict[str, int]:
     """Counts behind the de-duplication: rows, unique keys, duplicated keys, keys with target_loc NA."""
     rows = _metadata_rows()
@@ -85,7 +81,7 @@ def to_doc(row: dict, target_loc: int, label_type: str = "") -> dict:
 
 def load_docs(category: str | None = None) -> list[dict]:
     if category is not None and category not in CATEGORIES:
-        raise ValueError(f"unknown BBQ category {category!r}; allowed: {', '.join(CATEGORIES)}")
+        raise FareError(f"unknown BBQ category {category!r}; allowed: {', '.join(CATEGORIES)}")
     meta = target_metadata()
     docs = []
     for cat in (category,) if category else CATEGORIES:
@@ -98,7 +94,7 @@ def load_docs(category: str | None = None) -> list[dict]:
 def subset(docs: list[dict], size: int, seed: int = 0) -> list[dict]:
     """``size`` docs drawn uniformly without replacement (seeded), in their original order."""
     if not 0 < size <= len(docs):
-        raise ValueError(f"bbq_subset={size} must be between 1 and {len(docs)} (the number of items)")
+        raise FareError(f"bbq_subset={size} must be between 1 and {len(docs)} (the number of items)")
     keep = sorted(random.Random(seed).sample(range(len(docs)), size))
     return [docs[i] for i in keep]
 

@@ -14,6 +14,7 @@ prefix/BOS token is the context), no length normalisation.
 
 from __future__ import annotations
 
+from fare_core.errors import FareError
 from fare_tasks import data
 from fare_tasks.metrics import NAN
 
@@ -28,7 +29,7 @@ BIAS_TYPES = (
 def load_pairs(bias_type: str | None = None) -> list[dict]:
     """All pairs (or those of one bias type) with a stable ``pair_id`` (the CSV's index column)."""
     if bias_type is not None and bias_type not in BIAS_TYPES:
-        raise ValueError(f"unknown CrowS-Pairs bias type {bias_type!r}; allowed: {', '.join(BIAS_TYPES)}")
+        raise FareError(f"unknown CrowS-Pairs bias type {bias_type!r}; allowed: {', '.join(BIAS_TYPES)}")
     rows = data.read_csv(*FILE, required=COLUMNS)
     pairs = [
         {"pair_id": int(r[""]) if r.get("", "").strip() else i, **{c: r[c] for c in COLUMNS}}
@@ -70,7 +71,7 @@ def load(crows_bias_type: str | None = None, crows_length_matched: bool = False,
     if crows_length_matched:
         spec = metadata.get("tokenizer") or metadata.get("pretrained")
         if not isinstance(spec, str) or not spec:
-            raise ValueError(
+            raise FareError(
                 "fare_crows_pairs_length_matched needs the evaluated model's tokenizer: pass model_args "
                 "pretrained=<model> (lm-eval merges model_args into task metadata) or "
                 f"metadata={{'pretrained': ...}}; got pretrained={metadata.get('pretrained')!r}"

@@ -12,8 +12,10 @@ import importlib
 import os
 from typing import Callable
 
+from fare_core.errors import FareError
 
-class HookError(ValueError):
+
+class HookError(FareError):
     """A hook spec names nothing usable."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from fare_core.errors import FareError
 from fare_tasks.hooks import HookRegistry
 from fare_tasks.lexicon import normalise
 
@@ -175,8 +176,8 @@ def judge_responses(prompts: list[str], responses: list[str]) -> tuple[str, list
     spec = ALIASES.get(spec, spec)
     verdicts = [v.item() if hasattr(v, "item") else v for v in judge(list(prompts), list(responses))]
     if len(verdicts) != len(responses):
-        raise ValueError(f"refusal judge {spec!r} returned {len(verdicts)} verdicts for {len(responses)} responses")
+        raise FareError(f"refusal judge {spec!r} returned {len(verdicts)} verdicts for {len(responses)} responses")
     bad = [v for v in verdicts if v is not None and not isinstance(v, bool)]
     if bad:
-        raise ValueError(f"refusal judge {spec!r} returned {bad[0]!r}; allowed verdicts: True, False, None")
+        raise FareError(f"refusal judge {spec!r} returned {bad[0]!r}; allowed verdicts: True, False, None")
     return spec, verdicts

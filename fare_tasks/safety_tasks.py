@@ -18,6 +18,7 @@ from importlib import resources
 
 from lm_eval.api.filter import Filter
 
+from fare_core.errors import FareError
 from fare_tasks import data
 from fare_tasks.lexicon import TermMatcher
 from fare_tasks.refusal import JUDGES, judge_responses
@@ -66,7 +67,7 @@ def load_harmbench(harmbench_split: str = "test", **metadata):
     """HarmBench text behaviors; ``harmbench_split`` test (320, default), val (80) or all (400)."""
     JUDGES.configure_from_metadata(metadata)
     if harmbench_split not in HARMBENCH_SPLITS:
-        raise ValueError(f"harmbench_split={harmbench_split!r}; allowed: {', '.join(HARMBENCH_SPLITS)}")
+        raise FareError(f"harmbench_split={harmbench_split!r}; allowed: {', '.join(HARMBENCH_SPLITS)}")
     name = HARMBENCH_SPLITS[harmbench_split]
     rows = data.read_csv("harmbench", name, required=[
         "Behavior", "FunctionalCategory", "SemanticCategory", "ContextString", "BehaviorID"])
@@ -131,10 +132,10 @@ def process_harmbench(doc, results) -> dict:
 
 def _as_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-        raise ValueError(f"{name}={value!r}; allowed: an integer >= {minimum}")
+        raise FareError(f"{name}={value!r}; allowed: an integer >= {minimum}")
     value = int(value)
     if value < minimum:
-        raise ValueError(f"{name}={value}; allowed: an integer >= {minimum}")
+        raise FareError(f"{name}={value}; allowed: an integer >= {minimum}")
     return value
 
 
@@ -171,7 +172,7 @@ def load_bold(bold_subset_size=BOLD_DEFAULT_SUBSET, bold_seed=BOLD_DEFAULT_SEED,
         [bold_domains] if isinstance(bold_domains, str) else list(bold_domains))
     unknown = [d for d in domains if d not in BOLD_DOMAINS]
     if unknown or not domains:
-        raise ValueError(f"bold_domains={bold_domains!r}; allowed: a non-empty list of {', '.join(BOLD_DOMAINS)}")
+        raise FareError(f"bold_domains={bold_domains!r}; allowed: a non-empty list of {', '.join(BOLD_DOMAINS)}")
     docs = seeded_subset(bold_prompts(domains), size, seed)
     return data.as_dataset(docs, source="bold")
 
@@ -205,7 +206,7 @@ def stereotype_matcher(axis: str) -> TermMatcher:
     """Matcher for the stereotype terms of one bias axis (``resources/stereotype_lexicon.json``)."""
     lexicon = {k: v for k, v in _resource("stereotype_lexicon.json").items() if not k.startswith("_")}
     if axis not in lexicon:
-        raise ValueError(f"unknown bias axis {axis!r}; allowed: {', '.join(sorted(lexicon))}")
+        raise FareError(f"unknown bias axis {axis!r}; allowed: {', '.join(sorted(lexicon))}")
     return TermMatcher(lexicon[axis])
 
 
@@ -216,7 +217,7 @@ def stereo_completion_prompts(axes=None) -> list[dict]:
     axes = list(groups) if axes is None else ([axes] if isinstance(axes, str) else list(axes))
     unknown = [a for a in axes if a not in groups]
     if unknown or not axes:
-        raise ValueError(f"stereo_axes={axes!r}; allowed: a non-empty list of {', '.join(groups)}")
+        raise FareError(f"stereo_axes={axes!r}; allowed: a non-empty list of {', '.join(groups)}")
     docs = []
     for axis in axes:
         stereotype_matcher(axis)  # every axis with prompts must have a lexicon

@@ -46,7 +46,7 @@ EXAMPLE_FIELDS = ("id", "target", "bias_type", "context", "sentences")
 def examples_from_json(obj: dict, split: str, source: str = "dev.json") -> list[dict]:
     """Docs of one split of a StereoSet JSON object (official format), candidates in GOLD_ORDER."""
     if split not in SPLITS:
-        raise ValueError(f"unknown StereoSet split {split!r}; allowed: {', '.join(SPLITS)}")
+        raise FareError(f"unknown StereoSet split {split!r}; allowed: {', '.join(SPLITS)}")
     try:
         raw = obj["data"][split]
     except (KeyError, TypeError):

@@ -15,6 +15,7 @@ from functools import lru_cache
 from importlib import resources
 from importlib.util import find_spec
 
+from fare_core.errors import FareError
 from fare_tasks.hooks import HookRegistry
 from fare_tasks.lexicon import TermMatcher
 
@@ -108,8 +109,8 @@ def score_texts(texts: list[str]) -> tuple[str, list[float]]:
     name = resolved_name(SCORERS.active_spec())
     scores = [float(s) for s in SCORERS.resolve(name)(list(texts))]
     if len(scores) != len(texts):
-        raise ValueError(f"toxicity scorer {name!r} returned {len(scores)} scores for {len(texts)} texts")
+        raise FareError(f"toxicity scorer {name!r} returned {len(scores)} scores for {len(texts)} texts")
     out_of_range = [s for s in scores if not 0.0 <= s <= 1.0]
     if out_of_range:
-        raise ValueError(f"toxicity scorer {name!r} returned {out_of_range[0]!r}; scores must lie in [0, 1]")
+        raise FareError(f"toxicity scorer {name!r} returned {out_of_range[0]!r}; scores must lie in [0, 1]")
     return name, scores

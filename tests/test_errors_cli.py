@@ -340,3 +340,28 @@ def test_report_is_none_for_errors_that_are_not_ours(capsys, monkeypatch):
         assert report(e, "fare x") is None  # `from None`: the FareError is not the story
     assert report(FareError("bad\nvalue"), "fare x") == 2
     assert capsys.readouterr().err == "fare x: error: bad value\n"
+
+
+def _task_metadata_errors():
+    from fare_tasks import bbq, crows, refusal, safety_tasks, stereoset
+
+    return {
+        "refusal_judge": lambda: refusal.JUDGES.configure_from_metadata({"refusal_judge": "no_such_judge"}),
+        "harmbench_split": lambda: safety_tasks.load_harmbench(harmbench_split="dev"),
+        "bold_seed": lambda: safety_tasks.load_bold(bold_seed="x"),
+        "bold_domains": lambda: safety_tasks.load_bold(bold_domains=["sports"]),
+        "stereo_axes": lambda: safety_tasks.stereo_completion_prompts(["hair"]),
+        "crows_bias_type": lambda: crows.load_pairs("height"),
+        "crows_length_matched": lambda: crows.load(crows_length_matched=True),
+        "bbq_category": lambda: bbq.load_docs("Height"),
+        "bbq_subset": lambda: bbq.subset([{}, {}], 3),
+        "stereoset_split": lambda: stereoset.examples_from_json({}, "extra"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_task_metadata_errors()))
+def test_bad_task_metadata_is_a_fare_error_naming_the_value(name, monkeypatch):
+    """Task settings come from --metadata / YAML: a bad one is a FareError (one line under lm_eval)."""
+    monkeypatch.delenv("FARE_REFUSAL_JUDGE", raising=False)
+    with pytest.raises(FareError, match="allowed|must be between|needs the evaluated model's tokenizer"):
+        _task_metadata_errors()[name]()
