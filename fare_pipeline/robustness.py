@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from fare_core.errors import FareError
+from fare_core.files import TEMP_NAME
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
 from .stages import (
@@ -53,8 +54,6 @@ from .tables import write_table
 
 ARD_ONLY = {"ard": 1.0, "jsd": 0.0, "pmi": 0.0, "ent": 0.0}
 MAX_MASK_GRID = 12
-SIZES = ("contexts_per_descriptor", "crows_val", "ppl_val", "crows_test", "ppl_test", "tqa", "n_permutations",
-         "n_bootstrap")  # the size flags `fare robustness` uses
 
 
 # --------------------------------------------------------------------------- rules (pure)
@@ -329,10 +328,10 @@ def write_report(out: Path, manifest: dict) -> Path:
 
 def robustness(argv: list[str]) -> int:
     """``fare robustness --model M --out DIR``: the four design-choice checks of section 5.5 with paired tests."""
-    from .run import add_common_flags
+    from .run import STAGE_SIZES, add_common_flags
 
     ap = argparse.ArgumentParser(prog="fare robustness", description=robustness.__doc__)
-    add_common_flags(ap, sizes=SIZES, random_seeds=False)
+    add_common_flags(ap, sizes=STAGE_SIZES["robustness"], random_seeds=False)
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the AALS stability check (from --seed on)")
     ap.add_argument("--middle-layers", type=int, default=None,
                     help="size of the fixed middle-layer window (default: as many layers as AALS selects)")
@@ -360,7 +359,7 @@ def robustness(argv: list[str]) -> int:
 def _ours(name: str) -> bool:
     """Entries `fare robustness` writes into --out (stage folders, their temp siblings, timings)."""
     return (name.startswith("seed_") or name in ("tune", "ard_profile", "checks", "report", "timings.json")
-            or (name.startswith(".") and (".tmp-" in name or ".old-" in name)))
+            or TEMP_NAME.match(name) is not None)
 
 
 def _robustness(args) -> int:

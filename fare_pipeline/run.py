@@ -120,6 +120,7 @@ STAGE_SIZES = {  # the Sizes fields each command uses (and lists in its --help)
     "layers": _PROMPTS + _VAL, "tune": _PROMPTS + _VAL,
     "ablate": _PROMPTS + _TEST + _TESTS + ("mask_n", "baseline_n"),
     "transfer": _GEN + _TESTS,
+    "robustness": _PROMPTS + _VAL + _TEST + _TESTS,
     "run": tuple(name for name, _, _ in SIZE_FLAGS.values()),
 }
 

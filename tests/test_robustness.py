@@ -302,3 +302,16 @@ def test_report_resume_and_bad_inputs(rob, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert shown in err[-1] and "Traceback" not in "".join(err)
         assert not (tmp_path / "n").exists()
+
+
+def test_temp_folders_of_a_killed_run_are_not_foreign(tmp_path, capsys):
+    out = tmp_path / "killed"
+    (out / ".checks.tmp-999999").mkdir(parents=True)  # what stage() leaves behind after a kill -9
+    (out / ".seed_0.tmp-x").mkdir()  # not a temp name of the atomic writers (no pid)
+    assert main(["robustness", "--model", "fare-tiny", "--out", str(out), "--middle-layers", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'.seed_0.tmp-x'" in err[0] and "not part of a fare robustness folder" in err[0]
+    (out / ".seed_0.tmp-x").rmdir()
+    assert main(["robustness", "--model", "fare-tiny", "--out", str(out), "--middle-layers", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "middle-layer count 9" in err[-1]  # got past the folder check: the temp folder is the command's own
