@@ -45,7 +45,8 @@ def run_eval(argv: list[str]) -> int:
 
 def _usage() -> str:
     lines = ["usage: fare <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    width = max(map(len, SUBCOMMANDS)) + 1
+    lines += [f"  {name:<{width}} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
