@@ -43,6 +43,8 @@ from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
 from . import html, plots
+from .compare import compare_runs, require_positive
+from .drift import drift_runs
 from .fare_tables import build_fare_tables, write_table
 from .instability import instability_tables
 from .runs import IDENTITY_KEYS, Run, load_run, make_label
@@ -205,16 +207,12 @@ def _higher_is_better(entries: Sequence[Entry]) -> dict[str, bool | None]:
 
 def _compare(base: Run, run: Run, **kw) -> tuple[list[dict], list[dict], list[str]]:
     """``fare compare`` of one run against its baseline: (rows, not_compared, warnings)."""
-    from .compare import compare_runs
-
     result = compare_runs(base, run, **kw)
     return list(result.rows), list(result.not_compared), list(result.warnings)
 
 
 def _drift_scores(base: Run, run: Run, seed: int, n_bootstrap: int) -> tuple[dict[str, float], list[str]]:
     """``fare drift`` scores of one run ({task: flip rate, "run": mean}) and its warnings."""
-    from .drift import drift_runs
-
     d = drift_runs(base, run, seed=seed, n_bootstrap=n_bootstrap)
     return {k: float(v) for k, v in d.scores.items()}, list(d.warnings)
 
@@ -572,11 +570,11 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
                       log: Callable[[str], None] = _progress) -> dict[str, Path]:
     """Build the leaderboard of ``runs`` against ``baselines`` (one per model) into ``out``.
 
+    ``metrics``: the headline ``task/metric`` columns (default: :data:`HEADLINE` per task, every
+    metric still compared for comparisons.csv); when given, only these metrics are compared.
     Returns ``{name: path}`` of every file written (leaderboard_csv, leaderboard_md, index_html,
     instability_csv, comparisons_csv, the plots and FARE tables).
     """
-    from .compare import require_positive
-
     counts = {"n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "n_jobs": n_jobs}
     require_positive(**counts, **({} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}))
     out = Path(out)
@@ -659,8 +657,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing leaderboard folder")
     ap.add_argument("--title", default="fare leaderboard")
     args = ap.parse_args(argv)
-    from .compare import require_positive
-
     require_positive(**{f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in ("permutations", "bootstrap", "jobs")},
                      **({} if args.agg_permutations is None else {"--agg-permutations": args.agg_permutations}))
     paths = build_leaderboard(args.runs, args.baseline, args.out,
