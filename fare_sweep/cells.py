@@ -33,18 +33,12 @@ def tmp_name(name: str) -> str:
     return f"{TMP_PREFIX}{name}-{socket.gethostname()}-{os.getpid()}"
 
 
-def resolve_device(device: str | None) -> str:
-    import torch
+def device_and_dtype(cell: Cell) -> tuple[str, str]:
+    """The cell's device and dtype names, "auto" resolved as fare_compression resolves it."""
+    from fare_compression.layerwise import resolve_device, resolve_dtype
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    return dtype
+    device = resolve_device(cell.device)
+    return str(device), str(resolve_dtype(cell.dtype, device)).removeprefix("torch.")
 
 
 def checkpoint_dir(cell: Cell, cache_dir: Path) -> Path:
@@ -123,8 +117,7 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str, base: str | None = N
         worker = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         (tmp / WORKER_FILE).write_text(json.dumps(worker))
         t0 = time.perf_counter()
-        device = resolve_device(cell.device)
-        dtype = resolve_dtype(cell.dtype, device)
+        device, dtype = device_and_dtype(cell)
         ckpt, compress_s, cached = None, 0.0, False
         if cell.compressed:
             ckpt, compress_s, cached = ensure_checkpoint(cell, root / cache_dir, device, dtype)
