@@ -73,13 +73,31 @@ def _read_harmless() -> list[Record]:
     return [Record(prompt=r["instruction"]) for r in rows]
 
 
+def _read_json_rows(path: Path) -> list[dict]:
+    """The objects of a .json list or a .jsonl file; FareError naming the file (and line) otherwise."""
+    raw = path.read_text(encoding="utf-8")
+    lines = [(1, raw)] if path.suffix == ".json" else [(i, x) for i, x in enumerate(raw.splitlines(), 1) if x.strip()]
+    rows = []
+    for lineno, text in lines:
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as e:
+            where = f"line {lineno}" if path.suffix == ".jsonl" else f"line {e.lineno}"
+            raise FareError(f"calibration source file {path}: {where} is not valid JSON ({e.msg}); "
+                            f"allowed: one JSON object per line (.jsonl) or a JSON list (.json)") from None
+    rows = rows[0] if path.suffix == ".json" else rows
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise FareError(f"calibration source file {path}: records must be JSON objects; allowed: one object per "
+                        "line (.jsonl) or a JSON list of objects (.json)")
+    return rows
+
+
 def _read_file(path: Path) -> list[Record]:
     """.txt: one record per non-empty line; .jsonl/.json: 'text', or 'prompt' (+ 'response')."""
     if path.suffix == ".txt":
         return [Record(text=line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix in (".jsonl", ".json"):
-        raw = path.read_text(encoding="utf-8")
-        rows = json.loads(raw) if path.suffix == ".json" else [json.loads(x) for x in raw.splitlines() if x.strip()]
+        rows = _read_json_rows(path)
         out = []
         for r in rows:
             if "text" in r:
@@ -92,17 +110,22 @@ def _read_file(path: Path) -> list[Record]:
     raise FareError(f"calibration source file {path}: unsupported suffix {path.suffix!r}; allowed .txt, .jsonl, .json")
 
 
+def check_source(name: str, kind: str) -> None:
+    """FareError unless ``name`` is a named source or an existing file (checked before a model loads)."""
+    if name not in (*SAFETY_SOURCES, *GENERAL_SOURCES) and not Path(name).is_file():
+        allowed = SAFETY_SOURCES if kind == "safety" else GENERAL_SOURCES
+        raise FareError(f"unknown {kind} calibration source {name!r}; allowed: {', '.join(allowed)} or a .txt/.jsonl file")
+
+
 def load_source(name: str, kind: str) -> list[Record]:
     """Records of a named source ("refusal_pairs", "harmless") or of a local file path."""
+    check_source(name, kind)
     if name == "refusal_pairs":
         recs = _read_refusal_pairs()
     elif name == "harmless":
         recs = _read_harmless()
-    elif Path(name).is_file():
-        recs = _read_file(Path(name))
     else:
-        allowed = SAFETY_SOURCES if kind == "safety" else GENERAL_SOURCES
-        raise FareError(f"unknown {kind} calibration source {name!r}; allowed: {', '.join(allowed)} or a .txt/.jsonl file")
+        recs = _read_file(Path(name))
     if not recs:
         raise FareError(f"{kind} calibration source {name!r} has no records")
     return recs
@@ -157,8 +180,8 @@ def _stream(tok, recs: list[Record], n_chunks: int, seq_len: int, seed: int, cha
     return chunks, {"records_used": used, "epochs": epochs}
 
 
-def check_calibration(n=16, seq_len=128, p=0.0, stats_tokens="all", **_) -> None:
-    """FareError unless the sizes, the proportion and the statistics mode are allowed."""
+def check_calibration(n=16, seq_len=128, p=0.0, stats_tokens="all", general=None, safety=None, **_) -> None:
+    """FareError unless the sizes, the proportion, the statistics mode and the source names are allowed."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise FareError(f"calibration size n={n!r} must be a positive integer")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
@@ -171,6 +194,9 @@ def check_calibration(n=16, seq_len=128, p=0.0, stats_tokens="all", **_) -> None
         raise FareError(f"safety proportion p={p!r} is outside [0, 1]; allowed: a number from 0 to 1")
     if stats_tokens not in STATS_TOKENS:
         raise FareError(f"stats_tokens={stats_tokens!r}; allowed: {', '.join(STATS_TOKENS)}")
+    for kind, name in (("general", general), ("safety", safety)):
+        if name is not None:
+            check_source(str(name), kind)
 
 
 def build_calibration(

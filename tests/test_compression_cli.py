@@ -183,3 +183,29 @@ def test_temp_folders_of_a_killed_compress_are_removed_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_calibration_source_checked_before_load_and_bad_json_is_one_line(tmp_path, monkeypatch, capsys):
+    """A missing calibration file is refused before the model loads; a file that is not JSON lines or
+    holds no objects is one line naming the file, the line and what is allowed (no traceback)."""
+    import fare_compression.loading as loading
+    from fare_compression.calibration import load_source
+    from fare_models.cli import main as fare_main
+
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": \n')
+    with monkeypatch.context() as m:
+        m.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        with pytest.raises(FareError, match=r"unknown general calibration source '.*nope\.jsonl'; allowed: harmless"):
+            compress_checkpoint("fare-tiny", "wanda", {"calib_general": str(tmp_path / "nope.jsonl")}, tmp_path / "o")
+    assert fare_main(["compress", "--model", "fare-tiny", "--method", "wanda", "--calib-n", "2", "--calib-seq-len",
+                      "16", "--calib-general", str(bad), "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err  # (fare-tiny's first build may print transformers' save progress)
+    lines = [ln for ln in err.splitlines() if ln.startswith("fare compress:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert str(bad) in lines[0] and "line 3 is not valid JSON" in lines[0], lines
+    listed = tmp_path / "calib.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(FareError, match="records must be JSON objects"):
+        load_source(str(listed), "general")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json", "calib.jsonl"]
