@@ -28,11 +28,12 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from fare_core.files import check_writable_dir
+from fare_core.tiny import check_pretrained, is_tiny_spec, resolve_pretrained
+
 from .args import FareArgs, init_arg_names, split_model_args
 from .profile import check_profile, load_profile
 from .surgery import ARR, ExpertMask, Recorder, RoutingController
-from fare_core.files import check_writable_dir
-from fare_core.tiny import check_pretrained, is_tiny_spec, resolve_pretrained
 
 log = logging.getLogger(__name__)
 

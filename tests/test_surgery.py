@@ -12,8 +12,8 @@ import torch
 
 from fare_compression.prune import prune_experts
 from fare_core.errors import FareError
-from fare_models.surgery import ARR, ExpertMask, Recorder, RoutingController, RoutingEdit, load_routing
 from fare_core.tiny import TINY_CONFIGS, build_tiny_model
+from fare_models.surgery import ARR, ExpertMask, Recorder, RoutingController, RoutingEdit, load_routing
 
 ARCHS = list(TINY_CONFIGS)
 MONOTONE = {"olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"}  # plain top-k of a monotone score
