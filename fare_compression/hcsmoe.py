@@ -142,12 +142,7 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator | None = None, in
 
 def frequencies(topk_idx: torch.Tensor, logits: torch.Tensor, num_experts: int, freq_topk) -> torch.Tensor:
     """f_i: normalised selection counts over the true top-k ("k") or the top-n of the raw logits."""
-    if freq_topk in ("k", None):
-        sel = topk_idx
-    elif isinstance(freq_topk, int) and freq_topk >= 1:
-        sel = logits.topk(freq_topk, dim=-1).indices
-    else:
-        raise FareError(f"freq_topk={freq_topk!r}; allowed: 'k' (true top-k) or a positive integer (reference: 2)")
+    sel = topk_idx if freq_topk in ("k", None) else logits.topk(check_freq_topk(freq_topk), dim=-1).indices
     c = torch.bincount(sel.reshape(-1), minlength=num_experts).double()
     return c / c.sum()
 
@@ -192,6 +187,12 @@ def representations(experts, x: torch.Tensor, num_experts: int, chunk: int = 163
     return torch.stack(reps)
 
 
+def check_freq_topk(freq_topk):
+    if freq_topk not in ("k", None) and not (isinstance(freq_topk, int) and freq_topk >= 1):
+        raise FareError(f"freq_topk={freq_topk!r}; allowed: 'k' (true top-k) or a positive integer (reference: 2)")
+    return freq_topk
+
+
 def check_args(E: int, num_clusters, ratio, linkage: str, cluster: str) -> int:
     """Validated clusters per layer."""
     if (num_clusters is None) == (ratio is None):
@@ -224,8 +225,7 @@ def hc_smoe(model, calib: CalibrationSet, num_clusters: int | None = None, ratio
     """
     E = moe_layers(model)[0].num_experts
     num_clusters = check_args(E, num_clusters, ratio, linkage, cluster)
-    if freq_topk not in ("k", None) and not (isinstance(freq_topk, int) and freq_topk >= 1):
-        raise FareError(f"freq_topk={freq_topk!r}; allowed: 'k' (true top-k) or a positive integer (reference: 2)")
+    check_freq_topk(freq_topk)
     generator = torch.Generator().manual_seed(int(seed))  # one stream across layers (reference)
     collect, _ = moe_collector(model)
     info = {"num_clusters": num_clusters, "linkage": linkage, "cluster": cluster, "freq_topk": freq_topk,
