@@ -187,11 +187,13 @@ def refuse_overwrite(out: Path | None, names, overwrite: bool) -> None:
                         "another --out")
 
 
-def require_positive(**counts) -> None:
-    """One-line FareError naming the first count (resamples, jobs) that is not a positive integer."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FareError(f"{name}={value!r}; allowed: a positive integer")
+def require_int(minimum: int, **values) -> None:
+    """One-line FareError naming the first value (resample or job count: minimum 1; seed: 0) that is
+    not an integer >= ``minimum`` (stats would refuse it per metric, leaving every row not compared)."""
+    allowed = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise FareError(f"{name}={value!r}; allowed: {allowed}")
 
 
 def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERMUTATIONS,
@@ -204,8 +206,9 @@ def compare_runs(base, run, *, seed: int = 0, n_permutations: int = DEFAULT_PERM
     ``metrics`` (``task/metric`` names; ``task/metric`` covers every filter of ``metric``) restricts
     the comparison to those metrics: the others are skipped silently (neither rows nor not_compared),
     the rows kept are the ones an unrestricted comparison gives."""
-    require_positive(n_permutations=n_permutations, n_bootstrap=n_bootstrap, n_agg_permutations=n_agg_permutations,
-                     n_jobs=n_jobs)
+    require_int(1, n_permutations=n_permutations, n_bootstrap=n_bootstrap, n_agg_permutations=n_agg_permutations,
+                n_jobs=n_jobs)
+    require_int(0, seed=seed)
     base, run = as_run(base), as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     wanted = None if metrics is None else frozenset(metrics)
@@ -402,8 +405,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace comparison.csv/.md already in --out")
     args = ap.parse_args(argv)
     refuse_overwrite(args.out, ("comparison.csv", "comparison.md"), args.overwrite)
-    require_positive(**{f"--{flag.replace('_', '-')}": getattr(args, flag)
-                        for flag in ("permutations", "agg_permutations", "bootstrap", "jobs")})
+    require_int(1, **{f"--{flag.replace('_', '-')}": getattr(args, flag)
+                      for flag in ("permutations", "agg_permutations", "bootstrap", "jobs")})
+    require_int(0, **{"--seed": args.seed})
     cmp = compare_runs(args.base, args.run, seed=args.seed, n_permutations=args.permutations,
                        n_bootstrap=args.bootstrap, n_agg_permutations=args.agg_permutations, strict=args.strict,
                        allow_other_model=args.allow_other_model, n_jobs=args.jobs,

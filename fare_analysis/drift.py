@@ -43,7 +43,7 @@ import numpy as np
 from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
-from .compare import check_pair, config_differences, refuse_overwrite, require_positive
+from .compare import check_pair, config_differences, refuse_overwrite, require_int
 from .runs import Run, as_run, iter_samples, load_run, logged_verdict
 from .stats import DEFAULT_BOOTSTRAP, bootstrap_ci
 
@@ -220,7 +220,8 @@ def _summarise(task: str, measures: dict, *, seed: int, n_bootstrap: int) -> lis
 def drift_runs(base, run, *, seed: int = 0, n_bootstrap: int = DEFAULT_BOOTSTRAP, strict: bool = False,
                allow_other_model: bool = False, progress=None) -> Drift:
     """Drift of ``run`` from ``base`` on every shared task (see the module docstring)."""
-    require_positive(n_bootstrap=n_bootstrap)
+    require_int(1, n_bootstrap=n_bootstrap)
+    require_int(0, seed=seed)
     base, run = as_run(base), as_run(run)
     common = check_pair(base, run, allow_other_model=allow_other_model)
     out = Drift(base=base, run=run)
@@ -353,7 +354,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP)
     ap.add_argument("--overwrite", action="store_true", help="replace drift outputs already in --out")
     args = ap.parse_args(argv)
-    require_positive(**{"--bootstrap": args.bootstrap})
+    require_int(1, **{"--bootstrap": args.bootstrap})
+    require_int(0, **{"--seed": args.seed})
     refuse_overwrite(args.out, OUTPUTS, args.overwrite)
     base = load_run(args.base)
     runs = [load_run(p) for p in args.runs]  # every folder is checked before anything is computed

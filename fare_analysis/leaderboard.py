@@ -43,7 +43,7 @@ from fare_core.errors import FareError
 from fare_core.files import atomic_write
 
 from . import html, plots
-from .compare import compare_runs, require_positive
+from .compare import compare_runs, require_int
 from .drift import drift_runs
 from .fare_tables import build_fare_tables, write_table
 from .instability import instability_tables
@@ -576,7 +576,8 @@ def build_leaderboard(runs: Sequence, baselines: Sequence, out, *, metrics: Sequ
     instability_csv, comparisons_csv, the plots and FARE tables).
     """
     counts = {"n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "n_jobs": n_jobs}
-    require_positive(**counts, **({} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}))
+    require_int(1, **counts, **({} if n_agg_permutations is None else {"n_agg_permutations": n_agg_permutations}))
+    require_int(0, seed=seed)
     out = Path(out)
     entries, fare_runs = plan(runs, baselines)
     cols = headline_metrics(entries, metrics) if any(e.role == "run" for e in entries) else []
@@ -657,8 +658,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing leaderboard folder")
     ap.add_argument("--title", default="fare leaderboard")
     args = ap.parse_args(argv)
-    require_positive(**{f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in ("permutations", "bootstrap", "jobs")},
-                     **({} if args.agg_permutations is None else {"--agg-permutations": args.agg_permutations}))
+    require_int(1, **{f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in ("permutations", "bootstrap", "jobs")},
+                **({} if args.agg_permutations is None else {"--agg-permutations": args.agg_permutations}))
+    require_int(0, **{"--seed": args.seed})
     paths = build_leaderboard(args.runs, args.baseline, args.out,
                               metrics=[m for m in (args.metrics or "").split(",") if m] or None, seed=args.seed,
                               n_permutations=args.permutations, n_bootstrap=args.bootstrap,

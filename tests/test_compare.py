@@ -166,6 +166,8 @@ def test_a_resample_count_below_one_is_refused_not_turned_into_not_compared_rows
         (name, value), = kw.items()
         with pytest.raises(FareError, match=rf"^{name}={value}; allowed: a positive integer$"):
             compare_runs(tmp_path / "base", tmp_path / "run", **kw)
+    with pytest.raises(FareError, match=r"^seed=-1; allowed: a non-negative integer$"):
+        compare_runs(tmp_path / "base", tmp_path / "run", seed=-1)
 
 
 def test_settings_that_change_numbers_are_named_in_one_warning(tmp_path):

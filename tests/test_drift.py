@@ -141,6 +141,16 @@ def test_cli_several_runs_writes_csv_md_png(tmp_path, capsys):
                  "--bootstrap", "20"]) == 0
 
 
+def test_bad_resample_count_or_seed_is_one_line_before_any_output(tmp_path):
+    write_run(tmp_path / "base", {"fare_xstest": [xstest_item(0, True)]})
+    write_run(tmp_path / "run", {"fare_xstest": [xstest_item(0, False)]})
+    with pytest.raises(FareError, match=r"^n_bootstrap=0; allowed: a positive integer$"):
+        drift_runs(tmp_path / "base", tmp_path / "run", n_bootstrap=0)
+    with pytest.raises(FareError, match=r"^--seed=-2; allowed: a non-negative integer$"):
+        main([str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--seed", "-2"])
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("case", ["other_model", "other_tasks", "no_samples"])
 def test_fare_drift_bad_runs_one_line_error(tmp_path, case):
     write_run(tmp_path / "base", {"fare_xstest": [xstest_item(0, True)]})
