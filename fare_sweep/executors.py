@@ -115,6 +115,14 @@ def _announce_starts(cells, out_dir: Path, recorder: Recorder, seen: set[str]) -
 #: Environment a remote cluster's workers need to find data, caches and offline settings.
 FORWARD_ENV = ("FARE_DATA_DIR", "FARE_CACHE_DIR", "FARE_OFFLINE", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                "TOKENIZERS_PARALLELISM")
+#: Those of them that are folders: forwarded as absolute paths (a worker runs in another directory).
+FORWARD_PATHS = ("FARE_DATA_DIR", "FARE_CACHE_DIR", "HF_HOME")
+
+
+def forwarded_env(environ=os.environ) -> dict:
+    """The :data:`FORWARD_ENV` variables that are set, folder ones made absolute from this directory."""
+    return {k: os.path.abspath(os.path.expanduser(environ[k])) if k in FORWARD_PATHS else environ[k]
+            for k in FORWARD_ENV if k in environ}
 
 
 def import_ray():
@@ -135,7 +143,7 @@ def run_ray(cells: list[Cell], out_dir: Path, cache_dir: Path, recorder: Recorde
     relative paths are resolved from the driver's working directory, not the worker's.
     """
     ray = import_ray()
-    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    env = forwarded_env()
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:

@@ -207,3 +207,14 @@ def test_ray_worker_in_another_directory_gets_paths_that_resolve(tmp_path, monke
     index.close()
     monkeypatch.chdir(tmp_path)
     assert load_run(cell_dir).identity["method"] == "magnitude"
+
+
+def test_env_forwarded_to_cluster_workers_has_absolute_folders(tmp_path, monkeypatch):
+    """FARE_DATA_DIR=data (relative) reaches a cluster worker as the driver's absolute folder."""
+    from fare_sweep.executors import FORWARD_ENV, forwarded_env
+
+    monkeypatch.chdir(tmp_path)
+    env = {"FARE_DATA_DIR": "data", "HF_HOME": "~/hf", "HF_HUB_OFFLINE": "1", "UNRELATED": "x"}
+    assert forwarded_env(env) == {"FARE_DATA_DIR": str(tmp_path / "data"),
+                                  "HF_HOME": str(Path("~/hf").expanduser()), "HF_HUB_OFFLINE": "1"}
+    assert set(forwarded_env(env)) <= set(FORWARD_ENV)
