@@ -363,8 +363,6 @@ def _ours(name: str) -> bool:
 
 
 def _robustness(args) -> int:
-    from fare_models.surgery import RoutingController
-
     from .run import load_ctx, versions
     from .stages import run_tune
 
@@ -409,7 +407,7 @@ def _robustness(args) -> int:
                 **run)
     say("checks (a)-(d) done")
     manifest = {"command": "robustness", "model": ctx.model_id, "revision": ctx.revision,
-                "model_type": RoutingController.of(ctx.model).model_type, "seed": ctx.seed, "seeds": seeds,
+                "model_type": ctx.model_type, "seed": ctx.seed, "seeds": seeds,
                 "sizes": dataclasses.asdict(ctx.sizes), "selected_layers": sel, "lambda_star": op["lambda_star"],
                 "feasible": op["feasible"], "tune_reason": op["reason"], "lambda": lam, "lambda_label": lam_label,
                 "middle_layers": middle, "n_star": res["n_star"], "seed_stability": res["seed_stability"],

@@ -586,8 +586,6 @@ def _run(args) -> int:
 
 
 def _stages(args, ctx: Ctx, ps, out: Path, timed: _StageLog) -> int:
-    from fare_models.surgery import RoutingController
-
     from .profiling import profile_model
     from .stages import (
         intervention_lambda,
@@ -653,7 +651,7 @@ def _stages(args, ctx: Ctx, ps, out: Path, timed: _StageLog) -> int:
 
     manifest = {
         "command": "run", "model": ctx.model_id, "revision": ctx.revision,
-        "model_type": RoutingController.of(ctx.model).model_type, "seed": ctx.seed, "sizes": asdict(ctx.sizes),
+        "model_type": ctx.model_type, "seed": ctx.seed, "sizes": asdict(ctx.sizes),
         "splits": {"prompts": ps.meta.get("n_by_split"), "validation_fraction": ctx.validation_fraction,
                    "crows_validation": "layers/validation_split.json", "crows_test": "evaluate/test_split.json",
                    "rule": "sha256(seed|purpose|id) ranking; first round(n*validation_fraction) = validation"},
