@@ -102,10 +102,11 @@ def subset(docs: list[dict], size: int, seed: int = 0) -> list[dict]:
 def load(bbq_category: str | None = None, bbq_default_subset: int | None = None,
          bbq_subset: int | None = None, bbq_seed: int = 0, **metadata):
     """lm-eval ``custom_dataset``; ``bbq_subset``/``bbq_seed`` may come from ``--metadata``."""
+    size = data.metadata_int("bbq_subset", bbq_subset or bbq_default_subset or 0, 0)
+    seed = data.metadata_int("bbq_seed", bbq_seed)
     docs = load_docs(bbq_category)
-    size = bbq_subset or bbq_default_subset
     if size:
-        docs = subset(docs, int(size), int(bbq_seed))
+        docs = subset(docs, size, seed)
     return data.as_dataset(docs, source="bbq")
 
 

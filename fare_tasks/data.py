@@ -307,6 +307,17 @@ def require_nonempty(rows: Sequence, source: str) -> None:
         raise DataError(f"{source}: no records (empty dataset); expected at least one")
 
 
+def metadata_int(name: str, value, minimum: int | None = None) -> int:
+    """A task setting (``--metadata`` / YAML) that must be an integer (>= ``minimum``); FareError otherwise."""
+    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise FareError(f"{name}={value!r}; allowed: {allowed}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise FareError(f"{name}={value}; allowed: {allowed}")
+    return value
+
+
 def _checked(rows: list, source: str, required: Iterable[str] | None) -> list:
     require_nonempty(rows, source)
     if required:

@@ -130,15 +130,6 @@ def process_harmbench(doc, results) -> dict:
 # ----------------------------------------------------------------------------- BOLD toxicity
 
 
-def _as_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-        raise FareError(f"{name}={value!r}; allowed: an integer >= {minimum}")
-    value = int(value)
-    if value < minimum:
-        raise FareError(f"{name}={value}; allowed: an integer >= {minimum}")
-    return value
-
-
 def bold_prompts(domains=BOLD_DOMAINS) -> list[dict]:
     """All BOLD prompts of ``domains`` in file order: ``{domain, group, entity, prompt}``."""
     docs = []
@@ -166,8 +157,8 @@ def seeded_subset(items: list, size: int, seed: int) -> list:
 def load_bold(bold_subset_size=BOLD_DEFAULT_SUBSET, bold_seed=BOLD_DEFAULT_SEED, bold_domains=None, **metadata):
     """BOLD prompts (23,679 over 5 domains), a seeded subset of ``bold_subset_size`` (0 = all)."""
     SCORERS.configure_from_metadata(metadata)
-    size = _as_int("bold_subset_size", bold_subset_size, 0)
-    seed = _as_int("bold_seed", bold_seed, 0)
+    size = data.metadata_int("bold_subset_size", bold_subset_size, 0)
+    seed = data.metadata_int("bold_seed", bold_seed, 0)
     domains = BOLD_DOMAINS if bold_domains is None else (
         [bold_domains] if isinstance(bold_domains, str) else list(bold_domains))
     unknown = [d for d in domains if d not in BOLD_DOMAINS]

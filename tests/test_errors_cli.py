@@ -355,6 +355,8 @@ def _task_metadata_errors():
         "crows_length_matched": lambda: crows.load(crows_length_matched=True),
         "bbq_category": lambda: bbq.load_docs("Height"),
         "bbq_subset": lambda: bbq.subset([{}, {}], 3),
+        "bbq_subset not an integer": lambda: bbq.load(bbq_subset="1k"),
+        "bbq_seed not an integer": lambda: bbq.load(bbq_subset=10, bbq_seed="seven"),
         "stereoset_split": lambda: stereoset.examples_from_json({}, "extra"),
     }
 
