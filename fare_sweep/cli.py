@@ -34,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.max_retries < 0:
         raise FareError(f"--max-retries {args.max_retries}: must be >= 0")
-    if args.ray_address and args.executor != "ray":
-        raise FareError(f"--ray-address {args.ray_address!r} needs --executor ray")
+    if args.ray_num_cpus is not None and args.ray_num_cpus < 1:
+        raise FareError(f"--ray-num-cpus {args.ray_num_cpus}: must be >= 1")
+    for flag, value in (("--ray-address", args.ray_address), ("--ray-num-cpus", args.ray_num_cpus)):
+        if value is not None and args.executor != "ray":
+            raise FareError(f"{flag} {value!r} needs --executor ray")
+    if args.ray_address and args.ray_num_cpus is not None:
+        raise FareError(f"--ray-num-cpus {args.ray_num_cpus} sizes a local cluster; an existing one "
+                        f"(--ray-address {args.ray_address!r}) has its own CPUs: drop one of them")
     from .run import run_sweep
 
     return run_sweep(args.grid, args.out, executor=args.executor, ray_address=args.ray_address,

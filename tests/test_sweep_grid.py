@@ -160,3 +160,20 @@ def test_out_folder_and_status_errors(tmp_path):
     (tmp_path / "busy").mkdir()
     with SweepLock(tmp_path / "busy"), pytest.raises(FareError, match="another `fare sweep` is running"):
         run_sweep(g, tmp_path / "busy")  # one driver per folder
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--ray-num-cpus", "0", "--executor", "ray"], ["--ray-num-cpus 0", ">= 1"]),
+    (["--ray-num-cpus", "2"], ["--ray-num-cpus 2", "needs --executor ray"]),
+    (["--ray-address", "auto"], ["--ray-address 'auto'", "needs --executor ray"]),
+    (["--executor", "ray", "--ray-address", "auto", "--ray-num-cpus", "2"], ["--ray-num-cpus 2", "local cluster"]),
+    (["--max-retries", "-1"], ["--max-retries -1", ">= 0"]),
+])
+def test_cli_ray_flags_checked_before_anything(tmp_path, argv, words):
+    """Ray flags that cannot apply are one FareError naming the flag and value; nothing is created."""
+    from fare_sweep.cli import main
+
+    with pytest.raises(FareError) as e:
+        main([str(tmp_path / "g.yaml"), "--out", str(tmp_path / "sweep"), *argv])
+    assert all(w in str(e.value) for w in words), e.value
+    assert list(tmp_path.iterdir()) == []
