@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import time
 from pathlib import Path
+
+from fare_core.files import TEMP_NAME
 
 from .grid import INTERVENTION_PARAMS, Cell
 
@@ -162,13 +163,9 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-#: Temp folders: a cell's (``.tmp-<cell_id>-<host>-<pid>``) and fare_compression's (``.<name>.tmp-<pid>``,
-#: ``.<name>.old-<pid>``).
-_TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}.+|^\..+\.(tmp|old)-\d+$")
-
-
 def remove_stale_tmp(folder: Path) -> list[Path]:
-    """Delete every temp folder or file in ``folder`` (left by a killed sweep or worker).
+    """Delete every temp folder or file in ``folder`` (left by a killed sweep or worker): a cell's
+    ``.tmp-<cell_id>-<host>-<pid>`` and atomic writers' ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>``.
 
     Only the driver calls this, holding the sweep lock, before any cell starts and after all have
     ended, and only on folders of its own sweep, so no live writer owns a temp folder then.
@@ -176,7 +173,7 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     removed = []
     if Path(folder).is_dir():
         for p in Path(folder).iterdir():
-            if _TMP.match(p.name):
+            if p.name.startswith(TMP_PREFIX) or TEMP_NAME.match(p.name):  # a cell's, or an atomic writer's
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -218,3 +218,17 @@ def test_env_forwarded_to_cluster_workers_has_absolute_folders(tmp_path, monkeyp
     assert forwarded_env(env) == {"FARE_DATA_DIR": str(tmp_path / "data"),
                                   "HF_HOME": str(Path("~/hf").expanduser()), "HF_HUB_OFFLINE": "1"}
     assert set(forwarded_env(env)) <= set(FORWARD_ENV)
+
+
+def test_remove_stale_tmp_names(tmp_path):
+    """Temp names of cells and of atomic writers go; the lock, the index and finished folders stay."""
+    from fare_sweep.cells import remove_stale_tmp
+
+    temps = [f"{TMP_PREFIX}cell__abc-host-12", ".magnitude__k.tmp-345", ".leaderboard.old-6", ".grid.json.tmp-7"]
+    keep = [".sweep.lock", "index.sqlite", "cell__abc", ".tmp", ".x.tmp-", "x.tmp-8"]
+    for name in temps[:3] + keep[2:4]:
+        (tmp_path / name).mkdir()
+    for name in temps[3:] + keep[:2] + keep[4:]:
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in remove_stale_tmp(tmp_path)) == sorted(temps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
