@@ -9,7 +9,6 @@ where it puts them instead (layers already on an accelerator are computed in pla
 
 from __future__ import annotations
 
-
 from fare_core.errors import FareError
 from fare_core.tiny import check_pretrained, is_tiny_spec, resolve_pretrained
 

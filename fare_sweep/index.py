@@ -7,7 +7,7 @@ Tables (documented in the README, section "Sweeps")::
           checkpoint, started_at, finished_at)
     metrics(cell_id, task, metric, filter, value, stderr)   PK (cell_id, task, metric, filter)
     timings(cell_id, stage compress|evaluate|total, seconds) PK (cell_id, stage)
-    sweep(name PK, value)                                    driver host/pid, grid path
+    sweep(name PK, value)                                    driver host/pid, executor
 
 Every cell's completion is one transaction (status, metrics and timings together), so a kill at
 any point leaves a cell either fully recorded or not at all; primary keys rule out duplicate rows.
