@@ -101,7 +101,8 @@ def run_sweep(grid_path, out, executor: str = "local", ray_address: str | None =
             rows = index.rows()
         finally:
             index.close()
-    failed = [r for r in rows if r["status"] == "failed" and r["cell_id"] in {c.cell_id() for c in grid.cells}]
+    ids = {c.cell_id() for c in grid.cells}
+    failed = [r for r in rows if r["status"] == "failed" and r["cell_id"] in ids]
     if failed:
         log(f"[sweep] {len(failed)} cell(s) failed; `fare sweep status {out}` shows their errors", flush=True)
         return 1
