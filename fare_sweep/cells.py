@@ -94,19 +94,26 @@ def read_done(folder: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def from_driver(path, base: str | None) -> Path:
+    """``path`` as this process must open it: a relative path is taken from ``base``, the driver's
+    working directory, when this process runs in another one (a Ray worker on a cluster node)."""
+    path = Path(path)
+    if base is None or path.is_absolute() or Path(base).resolve() == Path.cwd().resolve():
+        return path
+    return Path(base) / path
+
+
 def run_cell(cell_dict: dict, out_dir: str, cache_dir: str, base: str | None = None) -> dict:
     """Compute one cell into ``out_dir/cells/<cell_id>`` (atomic); returns the cell record (cell.json).
 
-    Relative ``out_dir``/``cache_dir`` are taken from ``base``, the driver's working directory
-    (default: this process's), since a Ray worker on a cluster node runs in another directory: the
-    worker reads and writes absolute paths, the record keeps the checkpoint path as the driver
-    names it. A cell whose folder already exists is not recomputed (its record is returned).
+    ``out_dir``/``cache_dir`` are named as the driver names them, from its working directory
+    ``base`` (see :func:`from_driver`); the record keeps the checkpoint path in that form. A cell
+    whose folder already exists is not recomputed (its record is returned).
     """
     from .evaluate import run_lm_eval
 
     cell = Cell.from_dict(cell_dict)
-    root = Path(base or os.getcwd())
-    cells = root / out_dir / "cells"
+    cells = from_driver(out_dir, base) / "cells"
     final = cells / cell.cell_id()
     done = read_done(final)
     if done is not None:
@@ -121,7 +128,7 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str, base: str | None = N
         device, dtype = device_and_dtype(cell)
         ckpt, compress_s, cached = None, 0.0, False
         if cell.compressed:
-            ckpt, compress_s, cached = ensure_checkpoint(cell, root / cache_dir, device, dtype)
+            ckpt, compress_s, cached = ensure_checkpoint(cell, from_driver(cache_dir, base), device, dtype)
         args = model_args(cell, ckpt, device, dtype)
         t1 = time.perf_counter()
         results = run_lm_eval(args, cell.eval, tmp)

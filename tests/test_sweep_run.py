@@ -207,6 +207,13 @@ def test_ray_worker_in_another_directory_gets_paths_that_resolve(tmp_path, monke
     index.close()
     monkeypatch.chdir(tmp_path)
     assert load_run(cell_dir).identity["method"] == "magnitude"
+    # the local executor (same directory as the driver) keeps the driver's relative paths, as before
+    from fare_sweep.cells import from_driver
+
+    assert from_driver("sweep", str(tmp_path)) == Path("sweep")
+    assert from_driver("sweep", str(driver)) == driver / "sweep"
+    assert from_driver(driver / "x", str(tmp_path)) == driver / "x"
+    assert from_driver("sweep", None) == Path("sweep")
 
 
 def test_env_forwarded_to_cluster_workers_has_absolute_folders(tmp_path, monkeypatch):
