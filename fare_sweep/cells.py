@@ -54,7 +54,8 @@ def compression_params(cell: Cell) -> dict:
     return params
 
 
-def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str) -> tuple[Path, float, bool]:
+def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str, model: str | None = None
+                      ) -> tuple[Path, float, bool]:
     """The cell's compressed checkpoint: reused when its content key is cached, else compressed now.
 
     Returns (path, seconds, cached). ``compress_checkpoint`` writes a temp folder and renames it,
@@ -69,7 +70,7 @@ def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str) -> t
         return path, 0.0, True
     t0 = time.perf_counter()
     try:
-        compress_checkpoint(cell.model, cell.method, compression_params(cell), out=str(path), device=device,
+        compress_checkpoint(model or cell.model, cell.method, compression_params(cell), out=str(path), device=device,
                             dtype=dtype, device_map=cell.device_map, revision=cell.revision)
     except Exception:
         if (path / MANIFEST).is_file():  # another worker finished the same checkpoint first
@@ -78,9 +79,10 @@ def ensure_checkpoint(cell: Cell, cache_dir: Path, device: str, dtype: str) -> t
     return path, time.perf_counter() - t0, False
 
 
-def model_args(cell: Cell, checkpoint: Path | None, device: str, dtype: str) -> dict:
+def model_args(cell: Cell, checkpoint: Path | None, device: str, dtype: str, model: str | None = None) -> dict:
     """``fare_moe`` model_args of the cell (JSON-able; lists joined with '|' as the model_arg docs say)."""
-    args: dict = {"pretrained": str(checkpoint) if checkpoint else cell.model, "device": device, "dtype": dtype}
+    args: dict = {"pretrained": str(checkpoint) if checkpoint else model or cell.model, "device": device,
+                  "dtype": dtype}
     if cell.revision and checkpoint is None:
         args["revision"] = cell.revision
     if cell.method in INTERVENTION_PARAMS:
@@ -101,6 +103,13 @@ def from_driver(path, base: str | None) -> Path:
     if base is None or path.is_absolute() or Path(base).resolve() == Path.cwd().resolve():
         return path
     return Path(base) / path
+
+
+def local_model(model: str, base: str | None) -> str:
+    """The grid's ``model`` as this process loads it: a relative local folder taken from the driver's
+    directory (:func:`from_driver`); hub ids and fare-tiny unchanged."""
+    path = from_driver(model, base)
+    return str(path) if path != Path(model) and path.is_dir() else model
 
 
 def run_cell(cell_dict: dict, out_dir: str, cache_dir: str, base: str | None = None) -> dict:
@@ -127,9 +136,10 @@ def run_cell(cell_dict: dict, out_dir: str, cache_dir: str, base: str | None = N
         t0 = time.perf_counter()
         device, dtype = device_and_dtype(cell)
         ckpt, compress_s, cached = None, 0.0, False
+        model = local_model(cell.model, base)
         if cell.compressed:
-            ckpt, compress_s, cached = ensure_checkpoint(cell, from_driver(cache_dir, base), device, dtype)
-        args = model_args(cell, ckpt, device, dtype)
+            ckpt, compress_s, cached = ensure_checkpoint(cell, from_driver(cache_dir, base), device, dtype, model)
+        args = model_args(cell, ckpt, device, dtype, model)
         t1 = time.perf_counter()
         results = run_lm_eval(args, cell.eval, tmp)
         t2 = time.perf_counter()

@@ -239,3 +239,24 @@ def test_remove_stale_tmp_names(tmp_path):
         (tmp_path / name).write_text("x")
     assert sorted(p.name for p in remove_stale_tmp(tmp_path)) == sorted(temps)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_ray_worker_in_another_directory_loads_a_relative_local_model(tmp_path, monkeypatch):
+    """models: [models/tiny] (a folder relative to the driver) is loaded from the driver's directory by
+    a worker running elsewhere; the cell record keeps the grid's name."""
+    import shutil
+
+    from fare_core.tiny import tiny_model_path
+    from fare_sweep.executors import _ray_cell
+    from fare_sweep.grid import expand
+
+    driver, worker_cwd = tmp_path / "driver", tmp_path / "node"
+    worker_cwd.mkdir()
+    tiny_model_path("fare-tiny")  # built into the cache if needed
+    shutil.copytree(tiny_model_path("fare-tiny"), driver / "models" / "tiny")
+    cell = expand({**GRID, "models": ["models/tiny"], "limit": 2, "methods": {}}).cells[0]
+    monkeypatch.chdir(worker_cwd)
+    record = _ray_cell(cell.to_dict(), "sweep", "sweep/checkpoints", 1, str(driver))
+    assert record["cell"]["model"] == "models/tiny" and list(worker_cwd.iterdir()) == []
+    pretrained = results_of(driver / "sweep" / "cells" / cell.cell_id())["config"]["model_args"]["pretrained"]
+    assert Path(pretrained) == driver / "models" / "tiny"
