@@ -293,6 +293,15 @@ def _method_points(name: str, params, grid_dir: Path | None) -> list[dict]:
             hint = " (calibration settings go under the top-level 'calibration' key)" if p.startswith("calib") else ""
             _fail(f"{key}.{p}", f"unknown parameter for {name!r}{_suggest(p, allowed)}{hint}; allowed: {', '.join(allowed)}")
     axes = {p: _axis(v, f"{key}.{p}") for p, v in params.items()}
+    if name in METHODS:  # values too (ratio range, structure, ...), with fare_compression's own checks
+        from fare_compression.methods import check_params
+
+        for p, values in axes.items():
+            for v in values:
+                try:
+                    check_params(name, {p: v}, device="cpu")
+                except FareError as e:
+                    _fail(f"{key}.{p}", str(e))
     if name == "arr":
         _check_arr(axes, key, grid_dir)
     if name == "mask":
@@ -442,4 +451,13 @@ def _leaderboard_options(value) -> dict:
     allowed = [n for n, p in inspect.signature(build_leaderboard).parameters.items()
                if p.kind == p.KEYWORD_ONLY and n not in ("overwrite", "log")]
     _check_keys(value, allowed, "leaderboard.")
+    from fare_analysis.compare import require_int
+
+    for k, v in value.items():
+        minimum = {"seed": 0, "n_permutations": 1, "n_bootstrap": 1, "n_agg_permutations": 1, "n_jobs": 1}.get(k)
+        if minimum is not None and not (k == "n_agg_permutations" and v is None):
+            try:
+                require_int(minimum, **{k: v})
+            except FareError as e:
+                _fail(f"leaderboard.{k}", str(e))
     return dict(value)

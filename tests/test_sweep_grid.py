@@ -105,6 +105,9 @@ def test_yaml_relative_profile_path(profile, tmp_path):
     ({"calibration": {"general": "nope.txt"}}, "calibration.general", "'nope.txt'"),
     ({"resources": {"num_gpu": 1}}, "resources.num_gpu", "did you mean 'num_gpus'"),
     ({"dtype": "fp8"}, "dtype", "'fp8'"),
+    ({"methods": {"magnitude": {"ratio": [0.5, 1.5]}}}, "methods.magnitude.ratio", "1.5"),
+    ({"methods": {"magnitude": {"structure": ["3:4x"]}}}, "methods.magnitude.structure", "3:4x"),
+    ({"leaderboard": {"n_permutations": 0}}, "leaderboard.n_permutations", "positive integer"),
 ])
 def test_bad_grid_is_one_line_naming_the_key(changes, key, words):
     with pytest.raises(FareError) as e:
