@@ -328,7 +328,7 @@ def write_report(out: Path, manifest: dict) -> Path:
 
 def robustness(argv: list[str]) -> int:
     """``fare robustness --model M --out DIR``: the four design-choice checks of section 5.5 with paired tests."""
-    from .run import STAGE_SIZES, add_common_flags
+    from .run import STAGE_SIZES, add_common_flags, budget_arg, quantile_arg
 
     ap = argparse.ArgumentParser(prog="fare robustness", description=robustness.__doc__)
     add_common_flags(ap, sizes=STAGE_SIZES["robustness"], random_seeds=False)
@@ -337,8 +337,8 @@ def robustness(argv: list[str]) -> int:
                     help="size of the fixed middle-layer window (default: as many layers as AALS selects)")
     ap.add_argument("--batch-size", type=int, default=16, help="profiling batch size")
     ap.add_argument("--lam-probe", type=float, default=1.0, help="lambda of the AALS probes (Eq. 5)")
-    ap.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE, help="AALS selection quantile")
-    ap.add_argument("--beta", type=float, default=1.0, help="perplexity budget of lambda* (Eq. 7)")
+    ap.add_argument("--quantile", type=quantile_arg, default=DEFAULT_QUANTILE, help="AALS selection quantile")
+    ap.add_argument("--beta", type=budget_arg, default=1.0, help="perplexity budget of lambda* (Eq. 7)")
     ap.add_argument("--control-lambda", type=float, default=1.0, help="lambda used when lambda* is 0 or infeasible")
     ap.add_argument("--lam", type=float, default=None,
                     help="lambda of every check instead of lambda* (the tune stage is then skipped)")

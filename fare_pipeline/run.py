@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -53,14 +54,47 @@ REPORT_TABLES = {
 }
 
 
-def _floats(value: str) -> list[float]:
+def _lambda_grid(value: str) -> list[float]:
+    """``--grid``: distinct finite lambdas >= 0 (the rule of :func:`fare_pipeline.aals.select_lambda`)."""
     try:
         out = [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
     if not out:
         raise argparse.ArgumentTypeError(f"{value!r}: expected at least one number")
+    if len(set(out)) != len(out) or not all(math.isfinite(x) and x >= 0 for x in out):
+        raise argparse.ArgumentTypeError(f"{value!r}: allowed: distinct comma-separated numbers >= 0, e.g. 0,0.5,1")
     return out
+
+
+def _number(value: str, ok, allowed: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and ok(x)):
+        raise argparse.ArgumentTypeError(f"{value!r}: allowed: {allowed}")
+    return x
+
+
+def quantile_arg(value: str) -> float:
+    """``--quantile`` of AALS (Eq. 5): a number in [0, 1]."""
+    return _number(value, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+
+
+def budget_arg(value: str) -> float:
+    """``--beta`` (Eq. 7's perplexity budget) and ``--lambda-max``: a finite number >= 0."""
+    return _number(value, lambda x: x >= 0, "a finite number >= 0")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: allowed: an integer >= 1")
+    return n
 
 
 def _ints(value: str) -> list[int]:
@@ -163,7 +197,7 @@ def add_common_flags(ap: argparse.ArgumentParser, out_required: bool = True, siz
         ap.add_argument("--no-keep-base", action="store_true",
                         help="re-run the unmodified base pass in every stage instead of keeping it (less memory)")
     if random_seeds:
-        ap.add_argument("--random-seeds", type=int, default=5,
+        ap.add_argument("--random-seeds", type=_positive_int, default=5,
                         help="seeds averaged for the random controls, baselines and masks (default 5)")
     ap.add_argument("--arr-target", default="logits", choices=["logits", "selection"],
                     help="ARR on the router logits (Eq. 6, default) or on the selection score (routers that add a "
@@ -381,7 +415,7 @@ def layers(argv: list[str]) -> int:
     ap = _stage_parser("fare layers", "AALS layer selection: ARR at --lam-probe on one MoE layer at a time on the "
                        "validation split; writes R(l) per layer and the selected layers (aals.json).", STAGE_SIZES["layers"])
     ap.add_argument("--lam-probe", type=float, default=1.0, help="lambda of each single-layer probe (default 1.0)")
-    ap.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
+    ap.add_argument("--quantile", type=quantile_arg, default=DEFAULT_QUANTILE,
                     help=f"layers whose R(l) exceeds this quantile of R are selected (default {DEFAULT_QUANTILE:g})")
     args = ap.parse_args(argv)
     from .stages import run_layers
@@ -406,11 +440,11 @@ def tune(argv: list[str]) -> int:
                        "parity whose perplexity stays within (1 + beta) x the base perplexity (validation split).",
                        STAGE_SIZES["tune"])
     _layers_from(ap)
-    ap.add_argument("--grid", type=_floats, default=list(DEFAULT_LAMBDA_GRID), metavar="L1,L2,...",
+    ap.add_argument("--grid", type=_lambda_grid, default=list(DEFAULT_LAMBDA_GRID), metavar="L1,L2,...",
                     help="lambda values to try (default " + ",".join(f"{x:g}" for x in DEFAULT_LAMBDA_GRID)
                          + "; 0 = no intervention; ties go to the smallest lambda)")
-    ap.add_argument("--beta", type=float, default=1.0, help="allowed relative perplexity increase (default 1.0)")
-    ap.add_argument("--lambda-max", type=float, default=None, help="ignore grid values above this (default: none)")
+    ap.add_argument("--beta", type=budget_arg, default=1.0, help="allowed relative perplexity increase (default 1.0)")
+    ap.add_argument("--lambda-max", type=budget_arg, default=None, help="ignore grid values above this (default: none)")
     args = ap.parse_args(argv)
     from .stages import run_tune
 
@@ -525,14 +559,14 @@ def run_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per profiling batch (default 16)")
     add_fsp_options(ap)
     ap.add_argument("--lam-probe", type=float, default=1.0, help="lambda of each single-layer AALS probe (default 1.0)")
-    ap.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
+    ap.add_argument("--quantile", type=quantile_arg, default=DEFAULT_QUANTILE,
                     help=f"AALS selects layers whose R(l) exceeds this quantile of R (default {DEFAULT_QUANTILE:g})")
-    ap.add_argument("--grid", type=_floats, default=list(DEFAULT_LAMBDA_GRID), metavar="L1,L2,...",
+    ap.add_argument("--grid", type=_lambda_grid, default=list(DEFAULT_LAMBDA_GRID), metavar="L1,L2,...",
                     help="lambda values tried for lambda* (default " + ",".join(f"{x:g}" for x in DEFAULT_LAMBDA_GRID)
                          + "; 0 = no intervention; ties go to the smallest lambda)")
-    ap.add_argument("--beta", type=float, default=1.0,
+    ap.add_argument("--beta", type=budget_arg, default=1.0,
                     help="perplexity budget of lambda*: PPL <= (1 + beta) x base PPL (default 1.0)")
-    ap.add_argument("--lambda-max", type=float, default=None, help="ignore grid values above this (default: none)")
+    ap.add_argument("--lambda-max", type=budget_arg, default=None, help="ignore grid values above this (default: none)")
     ap.add_argument("--control-lambda", type=float, default=1.0,
                     help="lambda of the Table 4/5 controls (paper: 1.0), and of Tables 3, 7, 8 when lambda* is "
                          "infeasible (stated in their titles)")

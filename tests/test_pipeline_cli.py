@@ -110,3 +110,31 @@ def test_unloadable_model_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and err.splitlines()[-1].startswith("fare run: ")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("cmd, flag, value, allowed", [
+    ("run", "--quantile", "1.5", "a number in [0, 1]"),
+    ("layers", "--quantile", "-0.1", "a number in [0, 1]"),
+    ("robustness", "--quantile", "nan", "a number in [0, 1]"),
+    ("run", "--beta", "-1", "a finite number >= 0"),
+    ("tune", "--beta", "inf", "a finite number >= 0"),
+    ("robustness", "--beta", "x", "a finite number >= 0"),
+    ("run", "--lambda-max", "-2", "a finite number >= 0"),
+    ("run", "--grid", "0,-1", "distinct comma-separated numbers >= 0"),
+    ("tune", "--grid", "0.5,0.5", "distinct comma-separated numbers >= 0"),
+    ("run", "--random-seeds", "0", "an integer >= 1"),
+    ("ablate", "--random-seeds", "-3", "an integer >= 1"),
+])
+def test_values_the_stages_would_refuse_fail_before_anything_loads(cmd, flag, value, allowed, tmp_path, capsys):
+    # aals.aals_select / aals.select_lambda refuse these only after profiling and the AALS probes;
+    # the flags refuse them at parse time, naming the value and what is allowed
+    out = tmp_path / "out"
+    profile = [] if cmd in ("run", "robustness") else ["--profile", str(tmp_path / "phi.safetensors")]
+    argv = [cmd, "--model", "fare-tiny", "--out", str(out), *profile, flag, value]
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: {value!r}: allowed: {allowed}" in err
+    assert not out.exists()
