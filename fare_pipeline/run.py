@@ -141,11 +141,11 @@ SIZE_FLAGS = {  # flag -> (Sizes field, type, what it sizes)
     "--bold": ("bold", int, "BOLD prompts of the generation transfer (Table 7)"),
     "--stereo-completion": ("stereo_completion", _opt_int, "stereotype-completion prompts of the generation transfer"),
     "--stereoset": ("stereoset", int, "StereoSet contexts of the generation transfer"),
-    "--max-new-tokens": ("max_new_tokens", int, "greedy tokens generated per prompt (Table 7)"),
-    "--permutations": ("n_permutations", int, "permutations of every paired permutation test"),
-    "--bootstrap": ("n_bootstrap", int, "bootstrap resamples of every 95%% CI"),
-    "--mask-n": ("mask_n", int, "experts masked together over the selected layers (Table 2: top, bottom, random by phi)"),
-    "--baseline-n": ("baseline_n", int, "experts per selected layer of the SES and random-expert baselines (Table 8)"),
+    "--max-new-tokens": ("max_new_tokens", _positive_int, "greedy tokens generated per prompt (Table 7)"),
+    "--permutations": ("n_permutations", _positive_int, "permutations of every paired permutation test"),
+    "--bootstrap": ("n_bootstrap", _positive_int, "bootstrap resamples of every 95%% CI"),
+    "--mask-n": ("mask_n", _positive_int, "experts masked together over the selected layers (Table 2: top, bottom, random by phi)"),
+    "--baseline-n": ("baseline_n", _positive_int, "experts per selected layer of the SES and random-expert baselines (Table 8)"),
 }
 _PROMPTS, _VAL = ("contexts_per_descriptor",), ("crows_val", "ppl_val")
 _TEST, _TESTS = ("crows_test", "ppl_test", "tqa"), ("n_permutations", "n_bootstrap")

@@ -124,6 +124,11 @@ def test_unloadable_model_is_one_line(tmp_path, capsys):
     ("tune", "--grid", "0.5,0.5", "distinct comma-separated numbers >= 0"),
     ("run", "--random-seeds", "0", "an integer >= 1"),
     ("ablate", "--random-seeds", "-3", "an integer >= 1"),
+    ("run", "--mask-n", "0", "an integer >= 1"),
+    ("ablate", "--baseline-n", "0", "an integer >= 1"),
+    ("robustness", "--permutations", "0", "an integer >= 1"),
+    ("transfer", "--bootstrap", "-1", "an integer >= 1"),
+    ("transfer", "--max-new-tokens", "0", "an integer >= 1"),
 ])
 def test_values_the_stages_would_refuse_fail_before_anything_loads(cmd, flag, value, allowed, tmp_path, capsys):
     # aals.aals_select / aals.select_lambda refuse these only after profiling and the AALS probes;
