@@ -197,6 +197,12 @@ def load_model(spec: str, *, revision: str | None = None, device: str = "auto", 
     return model, tok, model_id
 
 
+def real_expert_mask(controller, num_experts: int) -> torch.Tensor:
+    """[L, E] bool: which expert slots of the routing aggregates are real experts of each MoE layer
+    (layers with fewer experts than ``num_experts`` are padded; FSP gives padded slots phi 0)."""
+    return torch.tensor([[e < layer.num_experts for e in range(num_experts)] for layer in controller.layers])
+
+
 def profile_model(
     model,
     tokenizer,
@@ -233,11 +239,9 @@ def profile_model(
                          token_mode=token_mode, progress=progress)
     rec.save(out / "routing")
     ctl = RoutingController.of(model)
-    E = rec.num_experts
-    mask = torch.tensor([[e < layer.num_experts for e in range(E)] for layer in ctl.layers])
     result = compute_fsp(rec.counts, rec.tokens, rec.group_names, prob_sums=rec.prob_sums,
-                         group_axes=prompt_set.group_axes(), layers=rec.layer_indices, expert_mask=mask,
-                         options=options)
+                         group_axes=prompt_set.group_axes(), layers=rec.layer_indices,
+                         expert_mask=real_expert_mask(ctl, rec.num_experts), options=options)
     tables = result.write(out)
     run_info = {"split": split, "token_mode": token_mode, "batch_size": batch_size, "n_prompts": len(subset),
                 "prompt_seed": prompt_set.meta.get("seed"), "prompts_sha256": prompt_set.meta.get("resources_sha256")}

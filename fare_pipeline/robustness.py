@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fare_core.errors import FareError
 from fare_core.files import TEMP_NAME
@@ -155,14 +154,13 @@ def ard_profile(ctx: Ctx, profile_dir: Path, prompt_set, out: Path) -> dict:
     from fare_models.surgery import RoutingController, load_routing
 
     from .fsp import FSPOptions, compute_fsp
+    from .profiling import real_expert_mask
 
     agg, meta = load_routing(profile_dir / "routing")
     ctl = RoutingController.of(ctx.model)
-    E = int(meta["num_experts"])
-    mask = torch.tensor([[e < layer.num_experts for e in range(E)] for layer in ctl.layers])
     res = compute_fsp(agg["counts"], agg["tokens"], meta["groups"], prob_sums=agg["prob_sums"],
-                      group_axes=prompt_set.group_axes(), layers=meta["layers"], expert_mask=mask,
-                      options=FSPOptions(weights=ARD_ONLY))
+                      group_axes=prompt_set.group_axes(), layers=meta["layers"],
+                      expert_mask=real_expert_mask(ctl, int(meta["num_experts"])), options=FSPOptions(weights=ARD_ONLY))
     save_profile(out / "phi.safetensors", res.phi, meta["layers"], ctx.model_id, ctl.model_type, fsp=res.options,
                  profiling={"source": "routing aggregates of the composite profile", "weights": ARD_ONLY})
     return {"weights": ARD_ONLY}
