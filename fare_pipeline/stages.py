@@ -288,6 +288,12 @@ def split_metrics(ev, ll: np.ndarray) -> dict:
     return out
 
 
+def _write_work(eng: Engine, before: dict, out: Path) -> None:
+    """``out/work.json``: the engine's decoder-layer work since the ``before`` snapshot of :meth:`Engine.counts`."""
+    now = eng.counts()
+    write_json(out / "work.json", {"mode": eng.mode, **{k: now[k] - before[k] for k in ("layer_calls", "token_layer_evals")}})
+
+
 # --------------------------------------------------------------------------- AALS (Eq. 5)
 
 
@@ -318,8 +324,7 @@ def run_layers(ctx: Ctx, phi, profile_layers, prompt_set, out: Path, *, lam_prob
     write_table([{"layer": "base", "pref": m["base"]["pref"], "ppl": m["base"]["ppl"]}] + rows, out / "probes", digits=4,
                 title=f"AALS probes (ARR lambda={lam_probe:g} on one layer; validation split)")
     write_json(out / "validation_split.json", {**ev.info, "crows_pair_ids": ev.crows_ids})
-    work = {k: eng.counts()[k] - before[k] for k in ("layer_calls", "token_layer_evals")}
-    write_json(out / "work.json", {"mode": eng.mode, **work})
+    _write_work(eng, before, out)
     return {"selected": res.selected, "ratio": res.ratio, "threshold": res.threshold, "pref_base": m["base"]["pref"],
             "ppl_base": m["base"]["ppl"], "lam_probe": lam_probe, "quantile": quantile}
 
@@ -345,8 +350,7 @@ def run_tune(ctx: Ctx, phi, profile_layers, selected: Sequence[int], prompt_set,
     op = select_lambda(grid, [m[key(x)]["pref"] for x in grid], [m[key(x)]["ppl"] for x in grid],
                        ppl_base=m["base"]["ppl"], beta=beta, lambda_max=lambda_max)
     write_operating_point(op, out)
-    work = {k: eng.counts()[k] - before[k] for k in ("layer_calls", "token_layer_evals")}
-    write_json(out / "work.json", {"mode": eng.mode, **work})
+    _write_work(eng, before, out)
     if not op.feasible:
         ctx.log(f"[tune] no feasible lambda: {op.reason}")
     return {"lambda_star": op.lambda_star, "feasible": op.feasible, "reason": op.reason, "selected": list(selected),
