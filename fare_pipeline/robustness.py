@@ -328,16 +328,23 @@ def robustness(argv: list[str]) -> int:
     """``fare robustness --model M --out DIR``: the four design-choice checks of section 5.5 with paired tests."""
     from .run import STAGE_SIZES, add_common_flags, budget_arg, quantile_arg
 
-    ap = argparse.ArgumentParser(prog="fare robustness", description=robustness.__doc__)
+    ap = argparse.ArgumentParser(prog="fare robustness", description=(
+        "The four design-choice checks of the paper's section 5.5 with paired tests: (a) ARD-only vs composite "
+        "profile, (b) AALS vs fixed middle layers and AALS seed stability, (c) soft reweighting vs hard masking at "
+        "matched perplexity, (d) length-matched CrowS-Pairs; report in --out/report/robustness.md."))
     add_common_flags(ap, sizes=STAGE_SIZES["robustness"], random_seeds=False)
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of the AALS stability check (from --seed on)")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="seeds of the AALS stability check, from --seed on (default 3)")
     ap.add_argument("--middle-layers", type=int, default=None,
                     help="size of the fixed middle-layer window (default: as many layers as AALS selects)")
-    ap.add_argument("--batch-size", type=int, default=16, help="profiling batch size")
-    ap.add_argument("--lam-probe", type=float, default=1.0, help="lambda of the AALS probes (Eq. 5)")
-    ap.add_argument("--quantile", type=quantile_arg, default=DEFAULT_QUANTILE, help="AALS selection quantile")
-    ap.add_argument("--beta", type=budget_arg, default=1.0, help="perplexity budget of lambda* (Eq. 7)")
-    ap.add_argument("--control-lambda", type=float, default=1.0, help="lambda used when lambda* is 0 or infeasible")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per profiling batch (default 16)")
+    ap.add_argument("--lam-probe", type=float, default=1.0, help="lambda of the AALS probes, Eq. 5 (default 1.0)")
+    ap.add_argument("--quantile", type=quantile_arg, default=DEFAULT_QUANTILE,
+                    help=f"AALS selects layers whose R(l) exceeds this quantile of R (default {DEFAULT_QUANTILE:g})")
+    ap.add_argument("--beta", type=budget_arg, default=1.0,
+                    help="perplexity budget of lambda*: PPL <= (1 + beta) x base PPL (default 1.0)")
+    ap.add_argument("--control-lambda", type=float, default=1.0,
+                    help="lambda of every check when lambda* is 0 or infeasible (default 1.0)")
     ap.add_argument("--lam", type=float, default=None,
                     help="lambda of every check instead of lambda* (the tune stage is then skipped)")
     args = ap.parse_args(argv)

@@ -8,7 +8,7 @@ import pytest
 
 from fare_models.cli import main
 
-COMMANDS = ["prompts", "profile", "layers", "tune", "ablate", "transfer", "run"]
+COMMANDS = ["prompts", "profile", "layers", "tune", "ablate", "transfer", "run", "robustness"]
 FORBIDDEN = ["SPEC", "Sizes.", "`"]  # documents a user does not have, reStructuredText markup
 
 
@@ -56,6 +56,8 @@ def test_stage_commands_list_only_the_size_flags_they_use(capsys):
         "ablate": {"--contexts-per-descriptor", "--crows-test", "--ppl-test", "--tqa", "--permutations", "--bootstrap",
                    "--mask-n", "--baseline-n"},
         "transfer": {"--bold", "--stereo-completion", "--stereoset", "--max-new-tokens", "--permutations", "--bootstrap"},
+        "robustness": {"--contexts-per-descriptor", "--crows-val", "--ppl-val", "--crows-test", "--ppl-test", "--tqa",
+                       "--permutations", "--bootstrap"},
         "run": set(sizes),
     }
     for cmd, want in used.items():
@@ -64,6 +66,7 @@ def test_stage_commands_list_only_the_size_flags_they_use(capsys):
         quick = opts["--quick"]
         assert all(f in quick for f in want) and not any(f in quick for f in set(sizes) - want), cmd
     assert "--random-seeds" not in _options(_help("layers", capsys))
+    assert "--random-seeds" not in _options(_help("robustness", capsys))
 
 
 def test_run_refuses_an_unrelated_folder_before_loading_anything(tmp_path, capsys):
