@@ -16,11 +16,6 @@ def _load_tokenizer(spec: str):
     return build_tokenizer() if is_tiny_spec(spec) else AutoTokenizer.from_pretrained(spec)
 
 
-def _fail(cmd: str, err: Exception) -> int:
-    print(f"fare {cmd}: {err}", file=sys.stderr)
-    return 2
-
-
 def prompts(argv: list[str]) -> int:
     """``fare prompts --out DIR``: write the seeded demographic prompt set (SPEC section 1)."""
     from .prompts import (
@@ -50,14 +45,14 @@ def prompts(argv: list[str]) -> int:
             validation_fraction=args.validation_fraction,
         )
     except ValueError as e:
-        return _fail("prompts", e)
+        return fail("prompts", e)
     ps.meta["versions"] = versions()
     if args.tokenizer:
         try:
             tok = _load_tokenizer(args.tokenizer)
             ps.meta["tokenizer"] = args.tokenizer
         except (ValueError, OSError) as e:
-            return _fail("prompts", e)
+            return fail("prompts", e)
     path = ps.write(args.out)
     if args.tokenizer:
         from .prompts import token_positions
@@ -110,7 +105,7 @@ def profile(argv: list[str]) -> int:
                                 plots=not args.no_plots, progress=bars,
                                 extra_manifest={"revision": args.revision, "versions": versions()})
     except (ValueError, FileNotFoundError) as e:
-        return _fail("profile", e)
+        return fail("profile", e)
     d = out["result"].descriptors["model"]
     print(f"wrote {args.out / 'phi.safetensors'} ({len(out['result'].layers)} MoE layers); "
           f"model-wide Gini {d['gini']:.3f}, top-{out['result'].descriptors['top_share_k']} share {d['top_share']:.3f}, "
@@ -123,6 +118,7 @@ from .run import (
     add_fsp_options,
     add_progress_flags,
     contexts,
+    fail,
     fsp_options,
     layers,
     progress_mode,

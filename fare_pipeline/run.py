@@ -355,8 +355,11 @@ def _lambda_star(args):
     return _read_json(args.tune, "lambda_star.json")["lambda_star"]
 
 
-def _fail(cmd: str, err: Exception) -> int:
-    print(f"fare {cmd}: {err}", file=sys.stderr)
+def fail(cmd: str, err: Exception) -> int:
+    """Print ``fare CMD: <message>`` as one line on stderr; exit code 2 (every pipeline command's bad input)."""
+    from fare_core.errors import one_line
+
+    print(f"fare {cmd}: {one_line(err)}", file=sys.stderr)
     return 2
 
 
@@ -407,7 +410,7 @@ def _single(cmd: str, args, body) -> int:
         check_stage_folder(args.out)
         return body()
     except (ValueError, FileNotFoundError) as e:
-        return _fail(cmd, e)
+        return fail(cmd, e)
 
 
 def layers(argv: list[str]) -> int:
@@ -544,7 +547,7 @@ def run(argv: list[str]) -> int:
         fsp_options(args)  # bad FSP options fail before the model loads
         return _run(args)
     except (ValueError, FileNotFoundError) as e:
-        return _fail("run", e)
+        return fail("run", e)
 
 
 def run_parser() -> argparse.ArgumentParser:
