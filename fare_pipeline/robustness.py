@@ -39,13 +39,26 @@ from fare_core.errors import FareError
 from fare_core.files import TEMP_NAME
 
 from .aals import DEFAULT_LAMBDA_GRID, DEFAULT_QUANTILE
+from .run import (
+    STAGE_SIZES,
+    add_common_flags,
+    budget_arg,
+    load_ctx,
+    quantile_arg,
+    versions,
+)
 from .stages import (
     Ctx,
     file_sha,
     key_hash,
+    lambda_label,
     load_phi,
+    mask_ok,
     paired_test,
     prompts_sha,
+    run_layers,
+    run_tune,
+    split_metrics,
     stage,
     write_json,
 )
@@ -107,8 +120,6 @@ def matched_n(ppl_by_n: dict, ppl_target: float) -> int:
 def operating_lambda(lambda_star, control_lambda: float) -> tuple[float, str]:
     """(lambda of every check, its label): lambda* when it intervenes; ``control_lambda`` when lambda* is
     0 (no intervention: every check would compare the base model with itself) or infeasible (None)."""
-    from .stages import lambda_label
-
     lam = float(lambda_star) if lambda_star else float(control_lambda)
     return lam, lambda_label(lam, lambda_star)
 
@@ -124,7 +135,6 @@ def select_for_seed(ctx: Ctx, out: Path, *, batch_size: int, lam_probe: float, q
     """prompts -> profile -> AALS for ``ctx.seed`` into ``out/{prompts,profile,layers}`` (resumable)."""
     from .profiling import profile_model
     from .prompts import build_prompt_set
-    from .stages import run_layers
 
     ps = build_prompt_set(seed=ctx.seed, contexts_per_descriptor=ctx.sizes.contexts_per_descriptor,
                           validation_fraction=ctx.validation_fraction)
@@ -184,7 +194,6 @@ def run_checks(ctx: Ctx, main: dict, phi_ard, lam: float, lam_label: str, middle
     from fare_models.surgery import RoutingController
 
     from .engine import make_arr, make_mask
-    from .stages import mask_ok, split_metrics
 
     phi, pl, ps, sel = main["phi"], main["profile_layers"], main["prompt_set"], list(main["aals"]["selected"])
     arr = lambda p, layers: make_arr(ctx.model, p, lam, layers, pl, ctx.arr_target)
@@ -326,8 +335,6 @@ def write_report(out: Path, manifest: dict) -> Path:
 
 def robustness(argv: list[str]) -> int:
     """``fare robustness --model M --out DIR``: the four design-choice checks of section 5.5 with paired tests."""
-    from .run import STAGE_SIZES, add_common_flags, budget_arg, quantile_arg
-
     ap = argparse.ArgumentParser(prog="fare robustness", description=(
         "The four design-choice checks of the paper's section 5.5 with paired tests: (a) ARD-only vs composite "
         "profile, (b) AALS vs fixed middle layers and AALS seed stability, (c) soft reweighting vs hard masking at "
@@ -368,9 +375,6 @@ def _ours(name: str) -> bool:
 
 
 def _robustness(args) -> int:
-    from .run import load_ctx, versions
-    from .stages import run_tune
-
     out, resume, t0 = Path(args.out), not args.no_resume, time.perf_counter()
     foreign = [] if not out.is_dir() else [p.name for p in out.iterdir() if not _ours(p.name)]
     if (out.exists() and not out.is_dir()) or foreign:
