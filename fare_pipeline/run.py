@@ -87,13 +87,13 @@ def budget_arg(value: str) -> float:
     return _number(value, lambda x: x >= 0, "a finite number >= 0")
 
 
-def _positive_int(value: str) -> int:
+def _positive_int(value: str, allowed: str = "an integer >= 1") -> int:
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: allowed: an integer >= 1")
+        raise argparse.ArgumentTypeError(f"{value!r}: allowed: {allowed}")
     return n
 
 
@@ -105,28 +105,13 @@ def _ints(value: str) -> list[int]:
 
 
 def _opt_int(value: str):
-    if value in ("all", "none"):
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: allowed: a positive integer or 'all'") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: allowed: a positive integer or 'all'")
-    return n
+    """A positive integer, or None (the whole split) for 'all' / 'none'."""
+    return None if value in ("all", "none") else _positive_int(value, "a positive integer or 'all'")
 
 
 def contexts(value: str):
     """``--contexts-per-descriptor``: a positive integer or 'all'."""
-    if value == "all":
-        return "all"
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: allowed: a positive integer or 'all'")
-    return n
+    return "all" if value == "all" else _positive_int(value, "a positive integer or 'all'")
 
 
 SIZE_FLAGS = {  # flag -> (Sizes field, type, what it sizes)
