@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import encode_request
+from .prompts import rank_key
 
 PPL_SOURCES = ("prompts", "harmless")
 SPLITS = ("validation", "test")
@@ -42,15 +43,11 @@ TQA_PREAMBLE = (
 )
 
 
-def _rank(seed: int, purpose: str, key) -> str:
-    return hashlib.sha256(f"{seed}|{purpose}|{key}".encode()).hexdigest()
-
-
 def seeded_split(keys, seed: int, purpose: str, validation_fraction: float = 0.5) -> dict[str, list]:
     """{validation: [...], test: [...]} of ``keys`` in seeded order."""
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r}; must lie in (0, 1)")
-    ranked = sorted(keys, key=lambda k: _rank(seed, purpose, k))
+    ranked = sorted(keys, key=lambda k: rank_key(seed, purpose, k))
     n_val = round(len(ranked) * validation_fraction)
     return {"validation": ranked[:n_val], "test": ranked[n_val:]}
 
@@ -102,7 +99,7 @@ def ppl_texts(source: str, split: str, *, prompt_set=None, seed: int = 0, valida
         if prompt_set is None:
             raise ValueError("ppl_source='prompts' needs the prompt set")
         items = [(p.id, p.text) for p in prompt_set.prompts if p.split == split]
-        return sorted(items, key=lambda it: _rank(seed, "ppl", it[0]))
+        return sorted(items, key=lambda it: rank_key(seed, "ppl", it[0]))
     from fare_tasks import data
     from fare_tasks.utility import PPL_FILE
 
@@ -143,7 +140,7 @@ def build_evalset(tokenizer, *, split: str, seed: int = 0, crows_n: int | None =
         from fare_tasks.utility import TQA_FILE, truthfulqa_docs
 
         docs = truthfulqa_docs(data.read_json(*TQA_FILE))
-        order = sorted(range(len(docs)), key=lambda i: _rank(seed, "tqa", i))[: tqa_n or None]
+        order = sorted(range(len(docs)), key=lambda i: rank_key(seed, "tqa", i))[: tqa_n or None]
         for i in sorted(order):
             d = docs[i]
             ctx = f"{TQA_PREAMBLE}\n\nQ: {d['question']}\nA:"

@@ -411,9 +411,3 @@ def compute_fsp(
         layers=layer_ids,
         options=opt.to_dict(),
     )
-
-
-def fsp_from_recorder(recorder, *, group_axes=None, options: FSPOptions | None = None, neutral: str = "neutral") -> FSPResult:
-    """Convenience: FSP straight from a ``fare_models.surgery.Recorder`` after profiling."""
-    return compute_fsp(recorder.counts, recorder.tokens, recorder.group_names, prob_sums=recorder.prob_sums,
-                       neutral=neutral, group_axes=group_axes, layers=recorder.layer_indices, options=options)

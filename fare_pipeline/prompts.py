@@ -154,7 +154,8 @@ def _validate(templates, professions, descriptors) -> None:
         raise ValueError("duplicate profession or template id in resources")
 
 
-def _rank_key(seed: int, purpose: str, key: str) -> str:
+def rank_key(seed: int, purpose: str, key) -> str:
+    """Seeded, platform-independent sort key (sha256 of seed|purpose|key) for every seeded order and split."""
     return hashlib.sha256(f"{seed}|{purpose}|{key}".encode()).hexdigest()
 
 
@@ -208,7 +209,7 @@ def build_prompt_set(
         )
 
     ctx_id = {c: f"{c[0]}/{c[2]}" for c in contexts}
-    ranked = sorted(contexts, key=lambda c: _rank_key(seed, "split", ctx_id[c]))
+    ranked = sorted(contexts, key=lambda c: rank_key(seed, "split", ctx_id[c]))
     n_val = round(n_ctx * validation_fraction)
     split_of = {ctx_id[c]: ("validation" if i < n_val else "test") for i, c in enumerate(ranked)}
     by_split = {s: [c for c in contexts if split_of[ctx_id[c]] == s] for s in SPLITS}
@@ -227,7 +228,7 @@ def build_prompt_set(
         for desc in descriptors.get(axis, []):
             chosen = []
             for s, want in (("validation", k_val), ("test", k - k_val)):
-                pool = sorted(by_split[s], key=lambda c: _rank_key(seed, f"descriptor:{desc}", ctx_id[c]))
+                pool = sorted(by_split[s], key=lambda c: rank_key(seed, f"descriptor:{desc}", ctx_id[c]))
                 chosen += pool[:want]
             chosen_ids = {ctx_id[c] for c in chosen}
             for tid, text, prof in contexts:  # keep context order

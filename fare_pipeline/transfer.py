@@ -58,13 +58,11 @@ def paper_completion_spec() -> dict:
 
 def paper_completion_prompts() -> list[dict]:
     """The paper-design set: every template x every group, ``{group, axis, template_id, prompt}``."""
+    from fare_tasks.safety_tasks import completion_prompt
+
     spec = paper_completion_spec()
-    out = []
-    for group, axis in spec["groups"].items():
-        for t, template in enumerate(spec["templates"]):
-            prompt = template.format(group=group)
-            out.append({"group": group, "axis": axis, "template_id": t, "prompt": prompt[0].upper() + prompt[1:]})
-    return out
+    return [{"group": group, "axis": axis, "template_id": t, "prompt": completion_prompt(template, group)}
+            for group, axis in spec["groups"].items() for t, template in enumerate(spec["templates"])]
 
 
 @cache

@@ -201,6 +201,12 @@ def stereotype_matcher(axis: str) -> TermMatcher:
     return TermMatcher(lexicon[axis])
 
 
+def completion_prompt(template: str, group: str) -> str:
+    """A stereotype-completion prompt: ``template`` filled with ``group``, first letter capitalised."""
+    prompt = template.format(group=group)
+    return prompt[0].upper() + prompt[1:]
+
+
 def stereo_completion_prompts(axes=None) -> list[dict]:
     """Templates x groups: ``{axis, group, template_id, prompt}`` (``resources/stereo_completion.json``)."""
     spec = _resource("stereo_completion.json")
@@ -214,8 +220,7 @@ def stereo_completion_prompts(axes=None) -> list[dict]:
         stereotype_matcher(axis)  # every axis with prompts must have a lexicon
         for group in groups[axis]:
             for t, template in enumerate(spec["templates"]):
-                prompt = template.format(group=group)
-                docs.append({"axis": axis, "group": group, "template_id": t, "prompt": prompt[0].upper() + prompt[1:]})
+                docs.append({"axis": axis, "group": group, "template_id": t, "prompt": completion_prompt(template, group)})
     return docs
 
 
